@@ -138,6 +138,6 @@ def greedy_generate(
             outputs[index] = tokenizer.decode(
                 _cut_at_eos(new_tokens[row], eos_ids),
                 skip_special_tokens=True,
-                clean_up_tokenization_spaces=True,
+                clean_up_tokenization_spaces=False,
             )
     return outputs  # type: ignore[return-value]
