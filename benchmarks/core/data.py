@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Mapping
 
 from benchmarks.core.errors import DataError, UsageError
-from benchmarks.core.hub_layout import has_hub_configs, read_hub_configs, write_hub_layout
+from benchmarks.core.hub_layout import find_data_files, has_hub_configs, read_hub_configs, write_hub_layout
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ __all__ = [
     "SourceSpec",
     "resolve_source",
     "load_data",
+    "data_from_corpus",
     "normalize_records",
     "records_sha256",
     "file_sha256",
@@ -136,15 +137,15 @@ def normalize_records(subset: str, name: str, items: Any, where: str) -> tuple[d
                 "an object with fields " + ", ".join(repr(f) for f in fields)
             )
             raise DataError(f"{where}: record {index} is {type(item).__name__}, expected {expected}")
-        for name_ in fields + ((DOC_ID,) if DOC_ID in record else ()):
-            if name_ not in record:
+        for key in fields + ((DOC_ID,) if DOC_ID in record else ()):
+            if key not in record:
                 raise DataError(
-                    f"{where}: record {index} lacks field {name_!r} "
+                    f"{where}: record {index} lacks field {key!r} "
                     f"(has: {', '.join(sorted(record)) or 'no fields'}; {subset}/{name} needs {', '.join(fields)})"
                 )
-            if not isinstance(record[name_], str):
+            if not isinstance(record[key], str):
                 raise DataError(
-                    f"{where}: record {index} field {name_!r} is {type(record[name_]).__name__}, expected a string"
+                    f"{where}: record {index} field {key!r} is {type(record[key]).__name__}, expected a string"
                 )
         records.append(record)
     return tuple(records)
@@ -173,8 +174,10 @@ class Split:
         return len(self.records)
 
     @classmethod
-    def build(cls, subset: str, name: str, items: Any, source: str, where: str,
-              path: Path | None = None) -> Split:
+    def build(
+        cls, subset: str, name: str, items: Any, source: str, where: str, path: Path | None = None
+    ) -> Split:
+        """Normalize ``items`` (see :func:`normalize_records`) and hash them (and ``path``)."""
         records = normalize_records(subset, name, items, where)
         return cls(
             subset=subset,
@@ -274,8 +277,8 @@ def resolve_source(source: str) -> SourceSpec:
             return SourceSpec("muse_dir", str(path))
         raise UsageError(
             f"data directory {path} holds neither a README.md with 'configs:' front matter (hub layout) "
-            "nor <subset>/<split>.json files (MUSE layout, e.g. knowmem/forget_qa.json); point --data at "
-            "a MUSE-News copy"
+            "nor <subset>/<split>.json files (MUSE layout, e.g. knowmem/forget_qa.json); point the data "
+            "source at a MUSE-News copy"
         )
     if path.exists():
         raise UsageError(f"data source {source!r} is a file; pass the directory that holds the dataset")
@@ -305,6 +308,11 @@ def _subsets(subsets: Iterable[str] | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(chosen))
 
 
+# A fetcher is a context manager yielding get(subset, name), which returns either
+# (items, where, path) for a present split or a string saying why the split is missing.
+_Getter = Callable[[str, str], Any]
+
+
 def load_data(
     source: str = "world",
     subsets: Iterable[str] | None = None,
@@ -320,39 +328,44 @@ def load_data(
     wanted = _subsets(subsets)
     if world_config is not None and spec.kind != "world":
         raise UsageError(f"world_config applies only to the 'world' source, not {spec.location!r}")
-    fetch = {
-        "world": lambda: _world_fetcher(world_config),
-        "muse_dir": lambda: _muse_dir_fetcher(Path(spec.location)),
-        "hub_dir": lambda: _hub_dir_fetcher(Path(spec.location)),
-        "hub": lambda: _hub_fetcher(spec.location),
-    }[spec.kind]()
+    if spec.kind == "world":
+        fetch = _world_fetcher(world_config)
+    elif spec.kind == "muse_dir":
+        fetch = _muse_dir_fetcher(Path(spec.location))
+    elif spec.kind == "hub_dir":
+        fetch = _hub_dir_fetcher(Path(spec.location))
+    else:
+        fetch = _hub_fetcher(spec.location)
 
+    with fetch as get:
+        return _assemble(spec.location, spec.kind, wanted, get)
+
+
+def data_from_corpus(corpus: Mapping[str, Mapping[str, list]], subsets: Iterable[str] | None = None) -> MuseData:
+    """A world :class:`MuseData` from a corpus already built (subset -> split -> records),
+    e.g. by the world entry point, which needs the corpus for training as well."""
+    return _assemble("world", "world", _subsets(subsets), _corpus_getter(corpus))
+
+
+def _assemble(location: str, kind: SourceKind, wanted: tuple[str, ...], get: _Getter) -> MuseData:
     splits: dict[str, Split] = {}
     missing: dict[str, str] = {}
-    with fetch as get:
-        for subset in wanted:
-            for name in SCHEMA[subset]:
-                got = get(subset, name)
-                if isinstance(got, str):
-                    missing[f"{subset}/{name}"] = got
-                else:
-                    items, where, path = got
-                    splits[f"{subset}/{name}"] = Split.build(subset, name, items, spec.location, where, path)
-    data = MuseData(source=spec.location, kind=spec.kind, splits=splits, missing=missing)
+    for subset in wanted:
+        for name in SCHEMA[subset]:
+            got = get(subset, name)
+            if isinstance(got, str):
+                missing[f"{subset}/{name}"] = got
+            else:
+                items, where, path = got
+                splits[f"{subset}/{name}"] = Split.build(subset, name, items, location, where, path)
     logger.info(
-        "loaded %s (%s): %s", spec.location, spec.kind,
-        ", ".join(f"{k} {len(s)}" for k, s in splits.items()) or "no splits",
+        "loaded %s (%s): %s", location, kind, ", ".join(f"{k} {len(s)}" for k, s in splits.items()) or "no splits"
     )
     if missing:
-        logger.warning("%s lacks %d split(s): %s", spec.location, len(missing),
-                       "; ".join(f"{k} ({why})" for k, why in missing.items()))
-    return data
-
-
-# A fetcher is a context manager yielding get(subset, name), which returns either
-# (items, where, path) for a present split or a string saying why the split is missing.
-_Got = "tuple[Any, str, Path | None] | str"
-_Getter = Callable[[str, str], Any]
+        logger.warning(
+            "%s lacks %d split(s): %s", location, len(missing), "; ".join(f"{k} ({why})" for k, why in missing.items())
+        )
+    return MuseData(source=location, kind=kind, splits=splits, missing=missing)
 
 
 @contextlib.contextmanager
@@ -360,14 +373,16 @@ def _world_fetcher(config: Any) -> Iterator[_Getter]:
     # Imported here: the generator is only needed for the world source.
     from benchmarks.core.world_corpus import WorldConfig, build_corpus
 
-    corpus = build_corpus(config if config is not None else WorldConfig())
+    yield _corpus_getter(build_corpus(config if config is not None else WorldConfig()))
 
+
+def _corpus_getter(corpus: Mapping[str, Mapping[str, list]]) -> _Getter:
     def get(subset: str, name: str):
         if name not in corpus.get(subset, {}):
             return "not generated by the world corpus"
         return corpus[subset][name], f"world corpus {subset}/{name}", None
 
-    yield get
+    return get
 
 
 @contextlib.contextmanager
@@ -399,12 +414,20 @@ def _hub_dir_fetcher(directory: Path) -> Iterator[_Getter]:
                 return f"no config {subset!r} in README.md"
             if name not in layout[subset]:
                 return f"config {subset!r} in README.md has no split {name!r}"
-            files = layout[subset][name]
+            files, absent = find_data_files(directory, layout[subset][name])
+            if absent:
+                return absent
             where = "file " + ", ".join(str(f) for f in files)
+            # datasets builds every split of a config at once; naming this split's own files
+            # makes a broken file fail only its own split, so the error can name it.
+            data_files = {name: [f.relative_to(directory).as_posix() for f in files]}
             try:
-                dataset = load_dataset(str(directory), subset, split=name)
-            except Exception as err:  # any reader failure is a bad file: say which one
-                raise DataError(f"{where}: datasets could not read {subset}/{name} ({type(err).__name__}: {err})") from err
+                dataset = load_dataset(str(directory), subset, split=name, data_files=data_files)
+            except Exception as err:  # any reader failure is a bad file: say which one and why
+                cause = _root_cause(err)
+                raise DataError(
+                    f"{where}: datasets could not read {subset}/{name} ({type(cause).__name__}: {cause})"
+                ) from err
             return dataset.to_list(), where, files[0] if len(files) == 1 else None
 
         yield get
@@ -457,8 +480,10 @@ def _local_datasets() -> Iterator[Callable[..., Any]]:
     try:
         with tempfile.TemporaryDirectory(prefix="relearn-bench-datasets-") as cache_dir:
 
-            def load_dataset(path: str, subset: str, split: str):
-                return datasets.load_dataset(path, subset, split=split, cache_dir=cache_dir, keep_in_memory=True)
+            def load_dataset(path: str, subset: str, split: str, **kwargs):
+                return datasets.load_dataset(
+                    path, subset, split=split, cache_dir=cache_dir, keep_in_memory=True, **kwargs
+                )
 
             yield load_dataset
     finally:
@@ -467,3 +492,12 @@ def _local_datasets() -> Iterator[Callable[..., Any]]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 enable_progress_bars()
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """The innermost explicitly chained exception (datasets wraps reader errors in a generic one)."""
+    seen = {id(err)}
+    while (inner := err.__cause__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        err = inner
+    return err

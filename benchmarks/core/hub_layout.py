@@ -73,27 +73,25 @@ def has_hub_configs(directory: Path) -> bool:
     return bool(meta) and "configs" in meta
 
 
-def read_hub_configs(directory: Path) -> dict[str, dict[str, list[Path]]]:
-    """subset -> split -> data files, as declared by the README of a hub-layout directory.
+def read_hub_configs(directory: Path) -> dict[str, dict[str, list[str]]]:
+    """subset -> split -> data-file patterns, as declared by the README of a hub-layout directory.
 
-    Only the per-split form of ``data_files`` (a list of ``{split, path}`` entries) names
-    splits; a config given as bare paths has only the implicit ``train`` split. Patterns may
-    be globs as on the hub. A declared file that does not exist is a :class:`DataError`
-    naming it: the directory contradicts its own README.
+    Only the per-split form of ``data_files`` (a list of ``{split, path}`` entries, or a
+    split -> path mapping) names splits; a config given as bare paths has only the implicit
+    ``train`` split. Patterns are relative to ``directory`` and may be globs, as on the hub.
     """
     readme = directory / README
     meta = read_front_matter(readme) or {}
     configs = meta.get("configs")
     if not isinstance(configs, list):
         raise DataError(f"file {readme}: field 'configs' must be a list of {{config_name, data_files}} entries")
-    layout: dict[str, dict[str, list[Path]]] = {}
+    layout: dict[str, dict[str, list[str]]] = {}
     for entry in configs:
         if not isinstance(entry, dict) or not isinstance(entry.get("config_name"), str):
             raise DataError(f"file {readme}: every entry of 'configs' needs a string field 'config_name'")
         subset = entry["config_name"]
         data_files = entry.get("data_files")
-        # The hub accepts bare paths (one implicit "train" split), a split -> path mapping, or
-        # a list of {split, path} entries; bring all three to the last form.
+        # Bring the hub's three spellings to a list of {split, path} entries.
         if isinstance(data_files, str) or (
             isinstance(data_files, list) and data_files and all(isinstance(x, str) for x in data_files)
         ):
@@ -102,28 +100,33 @@ def read_hub_configs(directory: Path) -> dict[str, dict[str, list[Path]]]:
             data_files = [{"split": k, "path": v} for k, v in data_files.items()]
         if not isinstance(data_files, list):
             raise DataError(f"file {readme}: config {subset!r} needs a field 'data_files'")
-        splits: dict[str, list[Path]] = {}
+        splits: dict[str, list[str]] = {}
         for item in data_files:
             if not isinstance(item, dict) or "split" not in item or "path" not in item:
                 raise DataError(
                     f"file {readme}: config {subset!r}: each data_files entry needs fields 'split' and 'path'"
                 )
             patterns = item["path"] if isinstance(item["path"], list) else [item["path"]]
-            splits[str(item["split"])] = [f for p in patterns for f in _match(directory, str(p), readme)]
+            splits[str(item["split"])] = [str(p) for p in patterns]
         layout[subset] = splits
     return layout
 
 
-def _match(directory: Path, pattern: str, readme: Path) -> list[Path]:
-    if _GLOB_CHARS & set(pattern):
-        found = sorted(p for p in directory.glob(pattern) if p.is_file())
-        if not found:
-            raise DataError(f"file {readme}: data_files pattern {pattern!r} matches no file in {directory}")
-        return found
-    path = directory / pattern
-    if not path.is_file():
-        raise DataError(f"file {path} is listed in {readme} (data_files) but does not exist")
-    return [path]
+def find_data_files(directory: Path, patterns: list[str]) -> tuple[list[Path], str | None]:
+    """The files ``patterns`` name in ``directory``, and a note on the first pattern that names
+    none (None when all are there): a partly downloaded hub copy lacks some listed files."""
+    found: list[Path] = []
+    for pattern in patterns:
+        if _GLOB_CHARS & set(pattern):
+            matches = sorted(p for p in directory.glob(pattern) if p.is_file())
+            if not matches:
+                return found, f"README.md lists data_files {pattern!r}, which match no file"
+            found.extend(matches)
+        elif (directory / pattern).is_file():
+            found.append(directory / pattern)
+        else:
+            return found, f"README.md lists data file {directory / pattern}, which does not exist"
+    return found, None
 
 
 def write_hub_layout(data: MuseData, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:

@@ -31,6 +31,7 @@ MIXED_PRECISION = ("no", "bf16")
 StepFn = Callable[[torch.nn.Module, list, Any], dict]
 Hook = Callable[[int, torch.nn.Module], None]
 EpochHook = Callable[[int, int, torch.nn.Module], None]
+StateHook = Callable[[int, dict], None]
 
 
 @dataclass
@@ -144,6 +145,30 @@ def steps_per_epoch(num_micro_batches: int, grad_accum: int) -> int:
     return math.ceil(num_micro_batches / grad_accum)
 
 
+def rng_state() -> dict:
+    """Every random state a step can draw from (python, numpy, torch CPU and CUDA)."""
+    import random
+
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def train(
     model: torch.nn.Module,
     batches,
@@ -155,6 +180,8 @@ def train(
     epoch_hook: EpochHook | None = None,
     accelerator=None,
     params: Iterable[torch.nn.Parameter] | None = None,
+    state_hook: StateHook | None = None,
+    resume_state: dict | None = None,
 ) -> TrainResult:
     """Optimise ``model`` with AdamW over ``batches`` (a DataLoader of micro-batches).
 
@@ -163,6 +190,13 @@ def train(
     model)`` runs after the last step of every epoch. Hooks get the unwrapped model and the
     model is back in train mode after them. A non-finite loss raises
     :class:`TrainingDiverged` naming the step.
+
+    Resuming: ``state_hook(step, state)`` runs last at every step in ``hook_steps`` with the
+    loop's state (step count, optimizer, scheduler, RNG states, history); passing such a
+    ``state`` back as ``resume_state`` (with the model's weights restored by the caller)
+    continues from that step exactly as the uninterrupted run would have: the consumed
+    micro-batches are skipped without computing anything, which presumes ``batches`` yields
+    the same order on every pass (no sampler drawing from the global RNG).
     """
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -179,6 +213,11 @@ def train(
     else:
         total_steps = config.epochs * steps_per_epoch(len(batches), config.grad_accum)
     scheduler = _make_scheduler(optimizer, config, total_steps)
+    start = 0
+    if resume_state is not None:
+        start = int(resume_state["step"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
     wanted = set(hook_steps)
     unwrapped = accelerator.unwrap_model(model)
 
@@ -190,11 +229,17 @@ def train(
             unwrapped.train()
 
     show = config.progress and sys.stderr.isatty() and accelerator.is_main_process
-    bar = tqdm(total=total_steps, disable=not show, desc="train", leave=False)
-    result = TrainResult(steps=0)
+    bar = tqdm(total=total_steps, initial=start, disable=not show, desc="train", leave=False)
+    result = TrainResult(steps=start, history=list(resume_state["history"]) if resume_state else [])
     model.train()
-    call_hook(0)
-    for epoch, epoch_done, micro_batches in _groups(batches, config.grad_accum, config.max_steps, config.epochs):
+    if resume_state is None:
+        call_hook(0)
+    groups = _groups(batches, config.grad_accum, config.max_steps, config.epochs)
+    for _ in range(start):  # a resumed run skips what it already consumed
+        next(groups)
+    if resume_state is not None:
+        set_rng_state(resume_state["rng"])
+    for epoch, epoch_done, micro_batches in groups:
         metrics = step_fn(model, micro_batches, accelerator)
         loss = metrics.get("loss")
         if loss is None or not math.isfinite(loss):
@@ -221,6 +266,14 @@ def train(
             with torch.no_grad():
                 epoch_hook(epoch + 1, result.steps, unwrapped)
             unwrapped.train()
+        if state_hook is not None and result.steps in wanted:
+            state_hook(result.steps, {
+                "step": result.steps,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": rng_state(),
+                "history": list(result.history),
+            })
     bar.close()
     model.eval()
     return result

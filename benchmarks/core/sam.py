@@ -1,0 +1,169 @@
+"""Sharpness-aware step on the forget loss (NPO+SAM: Fan et al., ICML 2025, "Towards LLM
+Unlearning Resilient to Relearning Attacks", §4, Algorithm 1).
+
+One optimizer step, from the micro-batches of that step:
+
+1. ``g = ∇L_f(θ)``                          first forget pass (accumulated over all micro-batches)
+2. ``ε = ρ · g / ‖g‖₂``                     :func:`perturb` (global norm over trainable parameters)
+3. ``g′ = ∇L_f(θ + ε)``                     second forget pass, at the perturbed weights
+4. ``θ ← saved θ``                          :func:`restore` (an exact copy, not θ + ε − ε)
+5. ``g_r = ∇L_r(θ)``                        retain pass at the restored weights
+6. the optimizer then steps on ``w_f · g′ + w_r · g_r`` (the loop clips and steps).
+
+That is two forget passes and one retain pass per step (DESIGN §7) — the same shape as
+SAM's ``first_step``/``second_step`` around any optimizer (Foret et al. 2021). With
+``ρ = 0`` the perturbation is zero and the update is the plain one.
+
+Gradient accumulation: the perturbation comes from the gradient accumulated over *all*
+micro-batches of the step (the gradient of the step's whole batch), and the second pass again
+runs over all of them, so k micro-batches behave as one k-times-larger batch. Mixed precision:
+forwards run under the accelerator's autocast (applied by ``accelerate`` to the prepared
+model); ε is computed in float32 and added in each parameter's own dtype, and restoration
+copies the saved parameters back bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+LossFn = Callable[[torch.nn.Module, Any], "torch.Tensor | tuple[torch.Tensor, dict[str, float]]"]
+
+
+@dataclass
+class Perturbation:
+    """What :func:`perturb` changed, so that :func:`restore` can undo it exactly."""
+
+    saved: list[torch.Tensor]
+    grad_norm: float
+    scale: float  # ε = scale · g  (scale = ρ / ‖g‖₂, or 0)
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _split(output) -> tuple[torch.Tensor, dict[str, float]]:
+    if isinstance(output, tuple):
+        return output[0], dict(output[1])
+    return output, {}
+
+
+def accumulate_gradients(
+    model: torch.nn.Module,
+    micro_batches: Sequence[Any],
+    loss_fn: LossFn,
+    accelerator,
+    weight: float = 1.0,
+) -> tuple[float, dict[str, float]]:
+    """Backpropagate ``weight · loss_fn`` over every micro-batch, each scaled by ``1/k``, adding
+    into ``.grad``. Returns the mean loss (unweighted) and the mean of the loss_fn's metrics.
+
+    Gradients are synchronised across processes only on the last micro-batch (one all-reduce
+    per pass), which gives the same sum as syncing every time.
+    """
+    k = len(micro_batches)
+    total = 0.0
+    metrics: dict[str, float] = {}
+    for i, batch in enumerate(micro_batches):
+        sync = i == k - 1
+        context = contextlib.nullcontext() if sync else accelerator.no_sync(model)
+        with context:
+            loss, extra = _split(loss_fn(model, batch))
+            accelerator.backward(loss * (weight / k))
+        total += loss.detach().float().item() / k
+        for name, value in extra.items():
+            metrics[name] = metrics.get(name, 0.0) + float(value) / k
+    return total, metrics
+
+
+@torch.no_grad()
+def perturb(params: Sequence[torch.nn.Parameter], rho: float) -> Perturbation:
+    """SAM's ascent step: save θ, move to θ + ρ·g/‖g‖₂ using the gradient now in ``.grad``,
+    and clear ``.grad`` for the second pass.
+
+    ‖g‖₂ is the global norm over all trainable parameters (one vector, as in the paper).
+    A zero gradient (or ρ = 0) gives ε = 0 rather than a division by zero.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        grad_norm = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
+        ).item()
+    else:
+        grad_norm = 0.0
+    scale = rho / grad_norm if rho > 0 and grad_norm > 0 and math.isfinite(grad_norm) else 0.0
+    saved = [p.detach().clone() for p in params]
+    for p in params:
+        if p.grad is None:
+            continue
+        if scale:
+            # ε in float32, then added in the parameter's own dtype.
+            p.add_((p.grad.float() * scale).to(p.dtype))
+        p.grad.zero_()
+    return Perturbation(saved=saved, grad_norm=grad_norm, scale=scale)
+
+
+@torch.no_grad()
+def restore(params: Sequence[torch.nn.Parameter], perturbation: Perturbation) -> None:
+    """Put back the exact parameters saved by :func:`perturb` (no subtraction of ε, which
+    would not round-trip in low precision)."""
+    for p, saved in zip(params, perturbation.saved, strict=True):
+        p.copy_(saved)
+
+
+def sam_step(
+    forget_loss_fn: LossFn,
+    retain_loss_fn: LossFn | None = None,
+    *,
+    rho: float = 0.01,
+    forget_weight: float = 1.0,
+    retain_weight: float = 1.0,
+):
+    """A step function for the shared training loop (``benchmarks.core.training.train``) that
+    makes the forget term sharpness-aware; the retain term is taken at the unperturbed θ.
+
+    ``forget_loss_fn(model, micro_batch)`` and ``retain_loss_fn(model, micro_batch)`` return a
+    scalar loss or ``(loss, metrics)``. The reported ``loss`` is
+    ``w_f · L_f(θ) + w_r · L_r(θ)``, the objective at the unperturbed weights.
+    """
+    if rho < 0:
+        raise ValueError(f"SAM radius rho must be >= 0, got {rho}")
+
+    def step(model: torch.nn.Module, micro_batches: list[Any], accelerator) -> dict[str, float]:
+        params = trainable_parameters(model)
+        # 1. g = ∇L_f(θ): only its direction matters, so the weight is left out.
+        forget_loss, metrics = accumulate_gradients(model, micro_batches, forget_loss_fn, accelerator)
+        # 2. θ → θ + ε
+        perturbation = perturb(params, rho)
+        try:
+            # 3. g′ = ∇L_f(θ + ε), weighted, into the cleared .grad
+            perturbed_loss, _ = accumulate_gradients(
+                model, micro_batches, forget_loss_fn, accelerator, weight=forget_weight
+            )
+        finally:
+            # 4. θ restored even if the second pass fails, so no perturbed weights leak out.
+            restore(params, perturbation)
+        result = {
+            "forget_loss": forget_loss,
+            "forget_loss_perturbed": perturbed_loss,
+            "sam_grad_norm": perturbation.grad_norm,
+            **metrics,
+        }
+        loss = forget_weight * forget_loss
+        if retain_loss_fn is not None and retain_weight != 0:
+            # 5. g_r = ∇L_r(θ), added to w_f · g′
+            retain_loss, retain_metrics = accumulate_gradients(
+                model, micro_batches, retain_loss_fn, accelerator, weight=retain_weight
+            )
+            result["retain_loss"] = retain_loss
+            result.update(retain_metrics)
+            loss += retain_weight * retain_loss
+        result["loss"] = loss
+        return result
+
+    return step

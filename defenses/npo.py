@@ -1,0 +1,72 @@
+"""NPO: Negative Preference Optimization (Zhang, Lin, Bai & Mei, 2024, "Negative Preference
+Optimization: From Catastrophic Collapse to Effective Unlearning", §3).
+
+NPO treats every forget example as a dispreferred answer in DPO with no preferred one:
+
+    L_NPO = −(2/β) · mean_x log σ(−β · (log π_θ(x) − log π_ref(x)))
+
+with log π(x) = Σ_t log p(x_t | x_<t) over the non-padding tokens of x and π_ref the model
+before unlearning. Its gradient is GA's reweighted by 2·σ(β·(log π_θ − log π_ref)), which
+fades as an example's likelihood drops below the reference: that is what slows the collapse
+gradient ascent runs into. As β → 0 the gradient tends to GA's (:mod:`defenses.ga`).
+
+π_ref's log-likelihoods of the forget examples are constants, cached once before training
+(:mod:`benchmarks.core.reference`); no second model is kept in memory.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.core.errors import UsageError
+from benchmarks.core.logprobs import sequence_logps
+from defenses.base import Defense, DefenseConfig, register_defense
+
+
+def npo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:
+    """L_NPO = −(2/β) · mean log σ(−β · (policy_logps − ref_logps)) over the batch.
+
+    ``policy_logps``/``ref_logps``: ``[B]`` sequence log-likelihoods log π_θ(x), log π_ref(x).
+    ``F.logsigmoid`` keeps the value finite for large ratios. At π_θ = π_ref the loss is
+    (2/β)·log 2.
+    """
+    if not beta > 0:
+        raise ValueError(f"NPO needs beta > 0, got {beta}")
+    log_ratio = policy_logps.float() - ref_logps.float()
+    return -(2.0 / beta) * F.logsigmoid(-beta * log_ratio).mean()
+
+
+def check_beta(beta: float) -> None:
+    if not (math.isfinite(beta) and beta > 0):
+        raise UsageError(f"beta must be a finite number > 0, got {beta}; NPO's default is 0.1")
+
+
+@dataclass
+class NPOConfig(DefenseConfig):
+    beta: float = field(
+        default=0.1, metadata={"help": "NPO inverse temperature β > 0 (Zhang et al. 2024 use 0.1)."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_beta(self.beta)
+
+
+@register_defense("npo")
+class NPO(Defense):
+    """NPO on sequence log-likelihoods against cached reference values."""
+
+    config_class = NPOConfig
+    needs_reference_logps = True
+
+    def forget_loss(self, model, forget):
+        if self.reference_logps is None:
+            raise RuntimeError("NPO needs the reference log-likelihoods; call setup() before training")
+        policy = sequence_logps(model, forget["input_ids"], forget["attention_mask"])
+        ref = self.reference_logps.lookup(forget["index"])
+        loss = npo_loss(policy, ref, self.config.beta)
+        return loss, {"log_ratio": (policy.detach().float() - ref).mean().item()}
