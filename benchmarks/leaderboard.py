@@ -126,19 +126,23 @@ def _value(values: Sequence, index: int) -> float | None:
 
 
 def excess_at(result: Mapping, role: str, retrain: str, metric: str, step: int) -> Stat | None:
-    """M_role(step) − M_retrain(step), paired by seed when both curves have per-seed values,
-    as mean and 95 % t-interval half-width; else the difference of the two means."""
+    """M_role(step) − M_retrain(step) per seed, as mean and 95 % t-interval half-width over
+    seeds: at the last step, the ``excess_over_retrain`` of the file's summary.
+
+    Like the summary, a value missing for any seed (a diverged attack) leaves the excess
+    undefined rather than averaged over the seeds that happen to have it. Curves without
+    shared per-seed values fall back to the difference of the two means, without interval.
+    """
     role_series, base_series = _series(result, role, metric), _series(result, retrain, metric)
     i, j = _steps(result, role).index(step), _steps(result, retrain).index(step)
     role_seeds = {str(k): v for k, v in (role_series.get("per_seed") or {}).items()}
     base_seeds = {str(k): v for k, v in (base_series.get("per_seed") or {}).items()}
-    diffs = []
-    for seed in sorted(role_seeds.keys() & base_seeds.keys()):
-        a, b = _value(role_seeds[seed], i), _value(base_seeds[seed], j)
-        if a is not None and b is not None:
-            diffs.append(a - b)
-    if diffs:
-        stat = mean_ci95(diffs)
+    seeds = sorted(role_seeds.keys() & base_seeds.keys())
+    if seeds:
+        pairs = [(_value(role_seeds[s], i), _value(base_seeds[s], j)) for s in seeds]
+        if any(a is None or b is None for a, b in pairs):
+            return None
+        stat = mean_ci95([a - b for a, b in pairs])
         half = None if stat["ci95_high"] is None else stat["ci95_high"] - stat["mean"]
         return Stat(stat["mean"], half)
     a, b = _value(role_series["mean"], i), _value(base_series["mean"], j)

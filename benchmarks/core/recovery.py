@@ -9,7 +9,7 @@ Model Weights?"). This module holds the pure bookkeeping of that protocol (DESIG
 * :func:`question_groups` -- which evaluation items belong to T's and to V's documents;
 * :func:`summarize_metric` -- before/after, recovery ratio, area under the curve, steps to 50 %
   recovery and the excess over the retrain baseline, for one curve;
-* :func:`mean_interval` -- mean and Student-t 95 % interval over seeds.
+* :func:`combine_seeds` / :func:`curve_band` -- mean and Student-t 95 % interval over seeds.
 
 No model is touched here, so every number can be checked by hand.
 """
@@ -17,15 +17,17 @@ No model is touched here, so every number can be checked by hand.
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 from benchmarks.core.errors import UsageError
+from benchmarks.core.results import mean_ci95
 
 #: How an interval over seeds is computed; result files quote this string.
-INTERVAL_METHOD = "Student t, two-sided 95% confidence interval of the mean over seeds (n - 1 degrees of freedom)"
-CONFIDENCE = 0.95
+INTERVAL_METHOD = (
+    "Student t, two-sided 95% confidence interval of the mean over seeds: mean +- t_0.975(n-1) * s / sqrt(n); "
+    "null with one seed, or when the value is undefined for any seed"
+)
 #: Recovery fraction for the "steps to X% recovery" summary.
 RECOVERY_THRESHOLD = 0.5
 
@@ -38,11 +40,11 @@ DEFINITIONS = {
     "milestones) divided by the number of steps: the mean metric level during the attack, 0-100 scale",
     "recovery_auc": "the same normalised area under the recovery-ratio curve: the mean recovery "
     "during the attack (1.0 = at the target's level from the first step)",
-    "steps_to_50pct": "first milestone at which the recovery ratio reaches 0.5 (null: never within "
+    "steps_to_50": "first milestone at which the recovery ratio reaches 0.5 (null: never within "
     "the run; the true crossing lies between this milestone and the previous one)",
-    "excess_over_retrain": "(M(S) - M(0)) - (M_retrain(S) - M_retrain(0)) at the last milestone S, in "
-    "metric points: what the model gained beyond what the never-trained-on-forget retrain model "
-    "learns from the same attack",
+    "excess_over_retrain": "M(S) - M_retrain(S) at the last milestone S, same attack and seed, in metric "
+    "points: what the attacked model knows beyond the retrain model, which never saw the forget data, "
+    "after the same attack (0 for ideal unlearning)",
     "interval": INTERVAL_METHOD,
 }
 
@@ -213,8 +215,8 @@ def summarize_metric(
     if retrain_values is not None:
         if len(retrain_values) != len(values):
             raise ValueError("the retrain curve must share the milestones")
-        if None not in (start, end, retrain_values[0], retrain_values[-1]):
-            excess = (end - start) - (retrain_values[-1] - retrain_values[0])
+        if end is not None and retrain_values[-1] is not None:
+            excess = end - retrain_values[-1]
     return {
         "before": start,
         "after": end,
@@ -222,7 +224,7 @@ def summarize_metric(
         "recovery_ratio": ratios[-1],
         "auc": area_under_curve(steps, values),
         "recovery_auc": area_under_curve(steps, ratios),
-        "steps_to_50pct": steps_to_recovery(steps, ratios),
+        "steps_to_50": steps_to_recovery(steps, ratios),
         "excess_over_retrain": excess,
     }
 
@@ -230,49 +232,106 @@ def summarize_metric(
 # --------------------------------------------------------------------------- over seeds
 
 
-def t_quantile(confidence: float, dof: int) -> float:
-    """Two-sided Student-t critical value, e.g. 4.303 for 95 % with 2 degrees of freedom."""
-    from scipy.stats import t
-
-    return float(t.ppf(0.5 + confidence / 2.0, dof))
-
-
-def mean_interval(values: Iterable[float | None], confidence: float = CONFIDENCE) -> dict[str, Any]:
-    """Mean over seeds and its Student-t interval: mean ± t_{n-1} · s / √n.
-
-    Missing values (None) make the mean None too (a summary that is undefined for one seed
-    is not averaged over the others); with one value the interval is None.
-    """
+def interval(values: Iterable[float | None]) -> dict[str, Any]:
+    """``{mean, ci95_low, ci95_high}`` over seeds (Student t, see
+    :func:`benchmarks.core.results.mean_ci95`), except that a value missing for any seed
+    makes all three None: a summary undefined for one seed (a 50 % recovery never reached)
+    is not averaged over the seeds where it happens to exist."""
     values = list(values)
-    out: dict[str, Any] = {"mean": None, "low": None, "high": None, "n": len(values)}
     if not values or any(v is None for v in values):
-        return out
-    n = len(values)
-    mean = sum(values) / n
-    out["mean"] = mean
-    if n >= 2:
-        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-        half = t_quantile(confidence, n - 1) * sd / math.sqrt(n)
-        out["low"], out["high"] = mean - half, mean + half
-    return out
+        return {"mean": None, "ci95_low": None, "ci95_high": None}
+    return mean_ci95(values)
 
 
 def combine_seeds(per_seed: Mapping[Any, Mapping[str, Any]]) -> dict[str, Any]:
-    """Per summary field: ``{"per_seed": {seed: v}, "mean", "low", "high", "n"}``."""
-    fields: list[str] = []
+    """Per summary field: ``{"mean", "ci95_low", "ci95_high", "per_seed": {seed: v}}``."""
+    names: list[str] = []
     for summary in per_seed.values():
-        fields.extend(k for k in summary if k not in fields)
+        names.extend(k for k in summary if k not in names)
     combined = {}
-    for name in fields:
+    for name in names:
         values = {seed: summary.get(name) for seed, summary in per_seed.items()}
-        combined[name] = {"per_seed": values, **mean_interval(values.values())}
+        combined[name] = {**interval(values.values()), "per_seed": values}
     return combined
 
 
 def curve_band(per_seed: Mapping[Any, Sequence[float | None]]) -> dict[str, list]:
-    """Per milestone: mean and interval of a metric over seeds (lists aligned to the steps)."""
+    """Per milestone, over seeds: ``{"mean": [...], "ci95_low": [...], "ci95_high": [...]}``."""
     curves = list(per_seed.values())
-    if not curves:
-        return {"mean": [], "low": [], "high": []}
-    stats = [mean_interval(point) for point in zip(*curves)]
-    return {key: [s[key] for s in stats] for key in ("mean", "low", "high")}
+    points = [interval(point) for point in zip(*curves)] if curves else []
+    return {key: [p[key] for p in points] for key in ("mean", "ci95_low", "ci95_high")}
+
+
+# --------------------------------------------------------------------------- one milestone
+
+#: Curve metrics from :mod:`benchmarks.core.results`: all forget questions, T's, V's.
+KNOWMEM_ALL, KNOWMEM_T, KNOWMEM_V = "knowmem_forget", "knowmem_forget_relearn", "knowmem_forget_heldout"
+VERBMEM, RETAIN, PRIVLEAK = "verbmem_forget", "knowmem_retain", "privleak"
+#: Metrics whose recovery is summarised (knowledge an unlearned model should not have).
+RECOVERY_METRICS = (KNOWMEM_ALL, KNOWMEM_T, KNOWMEM_V, VERBMEM)
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """The records a milestone is evaluated on (MUSE's splits, possibly capped)."""
+
+    forget_qa: tuple[dict, ...]
+    forget_icl: tuple[dict, ...]
+    retain_qa: tuple[dict, ...]
+    retain_icl: tuple[dict, ...]
+    verbmem: tuple[dict, ...]
+    privleak_forget: tuple[dict, ...] = ()
+    privleak_holdout: tuple[dict, ...] = ()
+
+    @classmethod
+    def from_data(cls, data, privleak: bool = False) -> "EvalSet":
+        """From a ``MuseData``; the PrivLeak splits only when asked for."""
+        return cls(
+            forget_qa=tuple(data.records("knowmem", "forget_qa")),
+            forget_icl=tuple(data.records("knowmem", "forget_qa_icl")),
+            retain_qa=tuple(data.records("knowmem", "retain_qa")),
+            retain_icl=tuple(data.records("knowmem", "retain_qa_icl")),
+            verbmem=tuple(data.records("verbmem", "forget")),
+            privleak_forget=tuple(data.records("privleak", "forget")) if privleak else (),
+            privleak_holdout=tuple(data.records("privleak", "holdout")) if privleak else (),
+        )
+
+
+def evaluate_point(
+    model,
+    tokenizer,
+    evalset: EvalSet,
+    groups: ItemGroups,
+    batch_size: int = 16,
+    privleak: bool = False,
+    retrain_auc: float | None = None,
+    as_retrain: bool = False,
+) -> dict[str, float | None]:
+    """Every curve metric of ``model`` at one milestone.
+
+    KnowMem-forget is generated once per question and averaged over all questions, over T's
+    and over V's (None where T/V membership is unknown or the group is empty), so the three
+    numbers are consistent by construction. With ``privleak``, also PrivLeak and its AUC
+    (``privleak_auc``, kept so that the retrain model's AUC can serve as the reference).
+    """
+    from benchmarks.core.metrics import knowmem, privleak as privleak_metric, verbmem
+
+    forget = knowmem(model, tokenizer, evalset.forget_qa, evalset.forget_icl, batch_size=batch_size, name=KNOWMEM_ALL)
+    scores = [item.score for item in forget.items]
+    values: dict[str, float | None] = {
+        KNOWMEM_ALL: forget.score,
+        KNOWMEM_T: group_mean(scores, groups.train),
+        KNOWMEM_V: group_mean(scores, groups.held_out),
+        VERBMEM: verbmem(model, tokenizer, evalset.verbmem, batch_size=batch_size, name=VERBMEM).score,
+        RETAIN: knowmem(
+            model, tokenizer, evalset.retain_qa, evalset.retain_icl, batch_size=batch_size, name=RETAIN
+        ).score,
+    }
+    if privleak:
+        leak = privleak_metric(
+            model, tokenizer, evalset.privleak_forget, evalset.privleak_holdout,
+            retrain_auc=retrain_auc, batch_size=batch_size, as_retrain=as_retrain,
+        )
+        values[PRIVLEAK] = leak.score
+        values["privleak_auc"] = leak.details["auc"]
+    return values

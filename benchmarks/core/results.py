@@ -37,11 +37,11 @@ that could not be measured is ``null``. Lists of per-step values have one entry 
       npo:
         knowmem_forget_heldout:
           before: {mean: 3.0, ci95_low: 2.1, ci95_high: 3.9}    # value at step 0
-          after: {...}                          # value at the last step
-          recovery_ratio: {...}                 # (M(s) - M_unlearned(0)) / (M_target - M_unlearned(0))
-          auc: {...}                            # area under the recovery curve
+          after: {...}                          # value at the last step S
+          recovery_ratio: {...}                 # (M(S) - M(0)) / (M_target(0) - M(0))
+          auc: {...}                            # trapezoid area under the curve / step span
           steps_to_50: {...}                    # first step with recovery ratio >= 0.5; null if never
-          excess_over_retrain: {...}            # M_role(s) - M_retrain(s), same attack, same seed
+          excess_over_retrain: {...}            # M(S) - M_retrain(S), same attack, same seed
     higher_is_better: {knowmem_forget_heldout: false, knowmem_retain: true, privleak: null}
     references: {target: target, retrain: retrain}   # curve roles of the two baselines (or null)
     environment:                                # environment_info()
@@ -52,6 +52,12 @@ that could not be measured is ``null``. Lists of per-step values have one entry 
       git_revision: bd33076...                  # null outside a git checkout
       git_dirty: false                          # optional
     timings: {defense: 81.2, attack: 240.5, evaluation: 130.0}   # seconds per stage
+
+Each statistic is computed per seed, then given as mean and Student-t 95 % interval over
+seeds (:func:`mean_ci95`); the exact definitions are :data:`benchmarks.core.recovery.DEFINITIONS`,
+which the runner also writes into the file under ``definitions``. A writer may add keys of its
+own (the runner adds ``models``, ``definitions``, ``evaluation``, ``trajectories``); readers
+ignore keys they do not know.
 
 Metric names in ``curves`` are those of :mod:`benchmarks.core.metrics` (``knowmem_forget``,
 ``verbmem_forget``, ``knowmem_retain``, ``privleak``), plus ``knowmem_forget_heldout`` and
@@ -231,21 +237,27 @@ def environment_info(device: str | None = None) -> dict[str, Any]:
 
 # Two-sided 95% quantiles of Student's t, t_{0.975}(df), df = 1..30.
 _T975 = (
-    12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
-    2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
-    2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423,
+    12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004, 2.262157, 2.228139,
+    2.200985, 2.178813, 2.160369, 2.144787, 2.131450, 2.119905, 2.109816, 2.100922, 2.093024, 2.085963,
+    2.079614, 2.073873, 2.068658, 2.063899, 2.059539, 2.055529, 2.051831, 2.048407, 2.045230, 2.042272,
 )
+_Z975 = 1.959963984540054  # the standard normal 0.975 quantile
 
 
 def t_quantile_975(df: int) -> float:
-    """t_{0.975}(df): a table up to 30, then the Cornish-Fisher expansion around the normal
-    quantile (error below 1e-4 for df > 30)."""
+    """t_{0.975}(df): a table up to df = 30, then the Cornish-Fisher expansion of the t
+    quantile around the normal one to third order in 1/df (error below 2e-6 for df > 30)."""
     if df < 1:
         raise ValueError(f"degrees of freedom must be >= 1, got {df}")
     if df <= len(_T975):
         return _T975[df - 1]
-    z = 1.959964
-    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+    z = _Z975
+    return (
+        z
+        + (z**3 + z) / (4 * df)
+        + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+        + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3)
+    )
 
 
 def mean_ci95(values: Iterable[float | None]) -> dict[str, float | None]:
@@ -376,18 +388,29 @@ def _fsync_directory(directory: Path) -> None:
 
 
 class _ResultDumper(yaml.SafeDumper):
-    """Block style for mappings, one-line lists for lists of scalars, no anchors/aliases."""
+    """One line for a list of scalars and for a small mapping of scalars (an interval, a split
+    digest); block style otherwise; no anchors or aliases."""
 
     def ignore_aliases(self, data: Any) -> bool:
         return True
 
 
+def _is_scalar(item: Any) -> bool:
+    return item is None or isinstance(item, (bool, int, float, str))
+
+
 def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
-    flow = all(item is None or isinstance(item, (bool, int, float, str)) for item in data)
+    flow = all(_is_scalar(item) for item in data)
     return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
 
 
+def _represent_dict(dumper: yaml.SafeDumper, data: dict) -> yaml.Node:
+    flow = len(data) <= 3 and all(_is_scalar(item) for item in data.values())
+    return dumper.represent_mapping("tag:yaml.org,2002:map", data, flow_style=flow)
+
+
 _ResultDumper.add_representer(list, _represent_list)
+_ResultDumper.add_representer(dict, _represent_dict)
 
 
 def to_plain(value: Any, where: str = "result") -> Any:

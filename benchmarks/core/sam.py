@@ -73,7 +73,8 @@ def accumulate_gradients(
         sync = i == k - 1
         context = contextlib.nullcontext() if sync else accelerator.no_sync(model)
         with context:
-            loss, extra = _split(loss_fn(model, batch))
+            with accelerator.autocast():
+                loss, extra = _split(loss_fn(model, batch))
             accelerator.backward(loss * (weight / k))
         total += loss.detach().float().item() / k
         for name, value in extra.items():
