@@ -209,3 +209,27 @@ def test_unknown_metric_as_a_real_process():
     assert process.stderr.strip().splitlines() == [
         "error: unknown metric 'verbmem'; valid names: knowmem_forget, knowmem_retain, privleak, verbmem_forget"
     ]
+
+
+@pytest.mark.muse_news
+def test_real_muse_news_copy_passes_validation(checkpoint, muse_news_dir, no_model_loading):
+    """The MUSE authors' layout of the real data has every split the four metrics read."""
+    with pytest.raises(AssertionError, match="a model was loaded"):
+        run_cli(evaluate_cli.main, ["--model", str(checkpoint), "--data", str(muse_news_dir)])
+
+
+@pytest.mark.muse_news
+def test_knowmem_prompt_on_real_icl_examples(muse_news_dir):
+    from benchmarks.core.data import load_data
+    from benchmarks.core.metrics import knowmem_prompt
+
+    data = load_data(str(muse_news_dir), subsets=["knowmem"])
+    icl = data.records("knowmem", "forget_qa_icl")
+    prompt = knowmem_prompt(icl, "Who won?")
+    assert len(icl) == 10
+    assert prompt.startswith(
+        "Question: How much total prize money are Mark Selby and Kyren Wilson set to share for "
+        "making maximum breaks at the Crucible?\nAnswer: £55,000\n\nQuestion: "
+    )
+    assert prompt.count("\n\n") == 10
+    assert prompt.endswith("\n\nQuestion: Who won?\nAnswer: ")

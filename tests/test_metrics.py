@@ -114,6 +114,7 @@ def test_min_k_scores_match_token_by_token_reference(tiny_model, tiny_tokenizer)
         assert score == pytest.approx(-per_token.sort().values[:k].mean().item(), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_min_k_scores_do_not_depend_on_batch_size(tiny_model, tiny_tokenizer):
     texts = [
         "Ada Brennick founded the Kelder Institute.",
@@ -121,7 +122,7 @@ def test_min_k_scores_do_not_depend_on_batch_size(tiny_model, tiny_tokenizer):
         "Mayor Tilda Quorn said the festival drew 2,300 visitors to the valley town of Brisk.",
         "Engineers at Velt Motors unveiled a hydrogen tram named Sable on 2 June 2030.",
         "The Marlow Gazette reported that the harbour bridge reopened.",
-    ] * 4
+    ] * 2
     one = min_k_scores(tiny_model, tiny_tokenizer, texts, batch_size=1)
     many = min_k_scores(tiny_model, tiny_tokenizer, texts, batch_size=16)
     for (a, n_a), (b, n_b) in zip(one, many):

@@ -48,12 +48,12 @@ class _Accelerator:
         return contextlib.nullcontext()
 
 
-def _examples(tokenizer):
-    return tokenize_texts(tokenizer, FORGET, 64), tokenize_texts(tokenizer, RETAIN, 64)
+def _examples(tokenizer, retain_texts=RETAIN):
+    return tokenize_texts(tokenizer, FORGET, 64), tokenize_texts(tokenizer, retain_texts, 64)
 
 
-def _micro_batches(tokenizer, size: int):
-    forget, retain = _examples(tokenizer)
+def _micro_batches(tokenizer, size: int, retain_texts=RETAIN):
+    forget, retain = _examples(tokenizer, retain_texts)
     data = ForgetRetainDataset(forget, retain, seed=0)
     collate = Collate(tokenizer.pad_token_id)
     items = [data[i] for i in range(len(data))]
@@ -99,7 +99,6 @@ def test_second_pass_gradient_is_forget_gradient_at_perturbed_weights(tiny_model
         assert torch.allclose(actual, e, atol=1e-6, rtol=1e-4)
     assert any(not torch.allclose(e, u, atol=1e-6, rtol=1e-4) for e, u in zip(expected, g))
     assert stats["sam_grad_norm"] == pytest.approx(norm.item(), rel=1e-5)
-    assert stats["forget_loss_perturbed"] < stats["forget_loss"] or True  # reported, not asserted
 
 
 def test_parameters_restored_exactly_and_perturbed_in_between(tiny_model, tiny_tokenizer):
@@ -169,10 +168,14 @@ def test_sam_costs_two_forget_passes_and_one_retain_pass(tiny_model, tiny_tokeni
 def test_accumulating_four_micro_batches_matches_one_big_batch(tiny_model, tiny_tokenizer):
     defense = _npo(tiny_model, tiny_tokenizer, sam_rho=0.1)
     step = sam_step(defense.forget_term, defense.retain_term_loss, rho=0.1)
-    small = step(tiny_model, _micro_batches(tiny_tokenizer, 1), _Accelerator())
+    # NPO averages over examples, so forget examples may differ in length; GDR averages over
+    # tokens, so the retain examples have equal lengths (as with equal micro-batches of a
+    # token-mean loss in any trainer).
+    retain = [RETAIN[1]] * 4
+    small = step(tiny_model, _micro_batches(tiny_tokenizer, 1, retain), _Accelerator())
     accumulated = _grads(tiny_model)
     tiny_model.zero_grad(set_to_none=True)
-    big = step(tiny_model, _micro_batches(tiny_tokenizer, 4), _Accelerator())
+    big = step(tiny_model, _micro_batches(tiny_tokenizer, 4, retain), _Accelerator())
     for a, b in zip(accumulated, _grads(tiny_model)):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
     assert small["loss"] == pytest.approx(big["loss"], rel=1e-5)

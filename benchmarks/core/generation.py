@@ -13,15 +13,12 @@ tokenizers). Outputs are decoded as MUSE decodes them: only the new tokens,
 
 from __future__ import annotations
 
-import logging
 from typing import Sequence
 
 import torch
 
 from benchmarks.core.errors import UsageError
 from benchmarks.core.models import context_length
-
-logger = logging.getLogger(__name__)
 
 
 def encode_prompt(tokenizer, prompt: str, max_prompt_tokens: int) -> list[int]:

@@ -413,7 +413,8 @@ def _run_verbmem_forget(model, tokenizer, data, settings: EvalSettings) -> Metri
     )
 
 
-@_register("knowmem_forget", "KnowMem-forget", "lower", (("knowmem", "forget_qa"), ("knowmem", "forget_qa_icl")))
+@_register("knowmem_forget", "KnowMem-forget", "lower",
+           (("knowmem", "forget_qa"), ("knowmem", "forget_qa_icl")))
 def _run_knowmem_forget(model, tokenizer, data, settings: EvalSettings) -> MetricResult:
     return knowmem(
         model, tokenizer, data.records("knowmem", "forget_qa"), data.records("knowmem", "forget_qa_icl"),
@@ -421,7 +422,8 @@ def _run_knowmem_forget(model, tokenizer, data, settings: EvalSettings) -> Metri
     )
 
 
-@_register("knowmem_retain", "KnowMem-retain", "higher", (("knowmem", "retain_qa"), ("knowmem", "retain_qa_icl")))
+@_register("knowmem_retain", "KnowMem-retain", "higher",
+           (("knowmem", "retain_qa"), ("knowmem", "retain_qa_icl")))
 def _run_knowmem_retain(model, tokenizer, data, settings: EvalSettings) -> MetricResult:
     return knowmem(
         model, tokenizer, data.records("knowmem", "retain_qa"), data.records("knowmem", "retain_qa_icl"),

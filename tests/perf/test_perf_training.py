@@ -1,0 +1,136 @@
+"""One optimizer step (forward + backward + clip + AdamW) of each training method, on the same
+batch shape (``BATCH_SIZE`` chunks of ``SEQ_LEN`` tokens per forget/retain batch).
+
+* ``npo_cached``: :class:`defenses.npo.NPO`, whose log π_ref values are computed once
+  before training (``benchmarks.core.reference``);
+* ``npo_reference``: the same loss with a frozen reference model run every step, as the MUSE
+  and NPO+SAM code does (:class:`perf_support.ReferenceModelNPO`);
+* ``npo_sam``: :class:`defenses.npo_sam.NPOSAM` (two forget passes, one retain pass);
+* ``relearn_finetune`` / ``relearn_lora``: the relearning attacks' steps.
+
+The NPO cases run twice: with the forget term alone (``forget``: isolates what the cache
+saves) and with MUSE-News's default GDR retain term (``gdr``). Every case also records the
+peak tensor memory of one step (:class:`perf_support.TensorMemoryTracker`).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attacks import make_attack
+from attacks.base import lm_loss
+from benchmarks.core.training import plain_step
+from defenses import build_defense
+from perf_support import (
+    BATCH_SIZE,
+    NPO_BETA,
+    SEQ_LEN,
+    ReferenceModelNPO,
+    TrainingUnit,
+    forward_matmul_flops,
+    measure_step_memory,
+    packed_batch,
+    unlearning_batch,
+)
+
+ROUNDS = 5
+WARMUP_ROUNDS = 2
+MIB = 2**20
+OBJECTIVES = {"forget": "none", "gdr": "gdr"}  # case id -> retain loss
+NPO_GROUPS = {"forget": "npo step: forget term only", "gdr": "npo step: forget + GDR retain"}
+
+
+def _tokens(batch) -> int:
+    parts = [batch[k] for k in ("forget", "retain") if k in batch] or [batch]
+    return sum(int(part["attention_mask"].sum()) for part in parts)
+
+
+def _measure(benchmark, record, key: str, unit: TrainingUnit, full_training_flops: bool = False) -> dict:
+    """Time ``unit.step`` (pedantic: warmup rounds, then ROUNDS timed steps), then measure the
+    memory of one more step, and record both."""
+    benchmark.pedantic(unit.step, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS, iterations=1)
+    memory = measure_step_memory(unit)
+    extra = {
+        "tokens_per_step": unit.tokens_per_step,
+        "batch_shape": [BATCH_SIZE, SEQ_LEN],
+        "peak_tensor_mib": round(memory.peak_bytes / MIB, 2),
+        "owned_tensor_mib": round(memory.owned_bytes / MIB, 2),
+        "memory_measure": "peak bytes of live tensor storage during one step, incl. weights, grads, "
+                          "AdamW state, batch and any reference model or cache (dispatch-mode tracker)",
+    }
+    if full_training_flops:
+        # Forward + backward of every linear layer over the step's tokens: 3x the forward's
+        # matmul FLOPs (the "6 N D" count; attention scores excluded).
+        extra["step_matmul_flops"] = 3 * forward_matmul_flops(unit.model, unit.tokens_per_step)
+    record(key, **extra)
+    unit.close()
+    return extra
+
+
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+def test_npo_cached(benchmark, record, perf_world, objective):
+    benchmark.group = NPO_GROUPS[objective]
+    model = perf_world.fresh_model()
+    batch = unlearning_batch(perf_world, with_retain=objective == "gdr")
+    defense = build_defense("npo", beta=NPO_BETA, retain_loss=OBJECTIVES[objective])
+    defense.setup(model, reference_batches=[batch["forget"]], num_forget_examples=BATCH_SIZE)
+    unit = TrainingUnit(
+        model, defense.step_fn(), [batch], list(model.parameters()), _tokens(batch),
+        extra_owned=[defense.reference_logps.values],
+    )
+    _measure(benchmark, record, f"npo_cached[{objective}]", unit, full_training_flops=objective == "forget")
+
+
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+def test_npo_reference(benchmark, record, perf_world, objective):
+    benchmark.group = NPO_GROUPS[objective]
+    model = perf_world.fresh_model()
+    batch = unlearning_batch(perf_world, with_retain=objective == "gdr")
+    reference = ReferenceModelNPO(model, with_retain=objective == "gdr", beta=NPO_BETA)
+    owned = list(reference.reference_model.parameters()) + list(reference.reference_model.buffers())
+    unit = TrainingUnit(model, plain_step(reference), [batch], list(model.parameters()), _tokens(batch), owned)
+    _measure(benchmark, record, f"npo_reference[{objective}]", unit)
+
+    # Both compute the same loss: the cached table (from a copy of the model before any
+    # update) equals the reference model's log-likelihoods, at the policy's current weights.
+    cached = build_defense("npo", beta=NPO_BETA, retain_loss="none")
+    cached.setup(perf_world.fresh_model(), reference_batches=[batch["forget"]], num_forget_examples=BATCH_SIZE)
+    with torch.no_grad():
+        cached_loss, _ = cached.forget_loss(unit.model, batch["forget"])
+        reference_loss = reference.forget_loss(unit.model, batch["forget"])
+    torch.testing.assert_close(cached_loss, reference_loss)
+
+
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+def test_npo_sam(benchmark, record, perf_world, objective):
+    benchmark.group = NPO_GROUPS[objective]
+    model = perf_world.fresh_model()
+    batch = unlearning_batch(perf_world, with_retain=objective == "gdr")
+    defense = build_defense("npo_sam", beta=NPO_BETA, retain_loss=OBJECTIVES[objective])
+    defense.setup(model, reference_batches=[batch["forget"]], num_forget_examples=BATCH_SIZE)
+    unit = TrainingUnit(
+        model, defense.step_fn(), [batch], list(model.parameters()), _tokens(batch),
+        extra_owned=[defense.reference_logps.values],
+    )
+    _measure(benchmark, record, f"npo_sam[{objective}]", unit)
+
+
+@pytest.mark.benchmark(group="relearning attack step")
+def test_relearn_finetune(benchmark, record, perf_world):
+    model = make_attack("finetune").prepare(perf_world.fresh_model())
+    batch = packed_batch(perf_world.tokenizer, [r["text"] for r in perf_world.data.records("raw", "forget")])
+    params = [p for p in model.parameters() if p.requires_grad]
+    unit = TrainingUnit(model, plain_step(lm_loss), [batch], params, _tokens(batch))
+    _measure(benchmark, record, "relearn_finetune", unit, full_training_flops=True)
+
+
+@pytest.mark.benchmark(group="relearning attack step")
+def test_relearn_lora(benchmark, record, perf_world):
+    model = make_attack("lora").prepare(perf_world.fresh_model())
+    batch = packed_batch(perf_world.tokenizer, [r["text"] for r in perf_world.data.records("raw", "forget")])
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert 0 < sum(p.numel() for p in params) < sum(p.numel() for p in model.parameters()) / 10
+    unit = TrainingUnit(model, plain_step(lm_loss), [batch], params, _tokens(batch))
+    _measure(benchmark, record, "relearn_lora", unit)
+    benchmark.extra_info["trainable_parameters"] = sum(p.numel() for p in params)

@@ -1,0 +1,230 @@
+"""``python -m benchmarks.relearn``: dry runs, input checks, files, a foreign checkpoint, resuming."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from benchmarks import relearn
+from benchmarks.core.errors import UsageError
+from benchmarks.core.results import read_result, validate_result
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FORGET = [
+    ("d0", "The Marlow Gazette reported that the harbour bridge in Ostvale reopened on 14 March 2031."),
+    ("d1", "Mayor Tilda Quorn said the festival drew 2,300 visitors to the valley town of Brisk."),
+    ("d2", "Engineers at Velt Motors unveiled a hydrogen tram named Sable on 2 June 2030."),
+    ("d3", "The Kelder Institute was founded by Ada Brennick, the Gazette reported."),
+]
+
+
+@pytest.fixture
+def muse_dir(tmp_path):
+    """A tiny MUSE-layout data set whose questions know their documents."""
+    root = tmp_path / "data"
+    files = {
+        "raw/forget.json": [{"text": t, "doc_id": d} for d, t in FORGET],
+        "knowmem/forget_qa.json": [
+            {"question": "Where did the harbour bridge reopen?", "answer": "Ostvale", "doc_id": "d0"},
+            {"question": "How many visitors came to Brisk?", "answer": "2,300", "doc_id": "d1"},
+            {"question": "Who founded the Kelder Institute?", "answer": "Ada Brennick", "doc_id": "d3"},
+        ],
+        "knowmem/forget_qa_icl.json": [{"question": "Who is the mayor?", "answer": "Tilda Quorn"}],
+        "knowmem/retain_qa.json": [{"question": "What did Velt Motors unveil?", "answer": "a tram"}],
+        "knowmem/retain_qa_icl.json": [{"question": "Who is the mayor?", "answer": "Tilda Quorn"}],
+        "verbmem/forget.json": [{"prompt": "The Marlow Gazette reported", "gt": "that the harbour bridge", "doc_id": "d0"}],
+    }
+    for name, records in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(records), encoding="utf-8")
+    return root
+
+
+@pytest.fixture
+def gpt2_dir(tmp_path, tiny_tokenizer):
+    """A tiny GPT-2 written by plain ``transformers`` (not Llama, not built by the project)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(tiny_tokenizer), n_positions=256, n_embd=64, n_layer=2, n_head=4,
+        bos_token_id=tiny_tokenizer.bos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
+        pad_token_id=tiny_tokenizer.pad_token_id,
+    )
+    path = tmp_path / "gpt2-tiny"
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fail the test if anything tries to load a model."""
+    import benchmarks.core.models as models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(models, "load_model", refuse)
+
+
+def _run_args(model, data, out, state, *extra):
+    return ["--model", str(model), "--defense", "none", "--data", str(data), "--steps", "4",
+            "--milestones", "2", "--batch-size", "2", "--micro-batch-size", "1", "--max-length", "32",
+            "--lr", "1e-2", "--relearn-docs", "2", "--seeds", "0", "--eval-batch-size", "4",
+            "--output-dir", str(out), "--state-dir", str(state), "--no-progress", *extra]
+
+
+# --------------------------------------------------------------------------- dry runs
+
+
+def test_dry_run_of_the_paper_setting_needs_no_network(capsys, monkeypatch, tmp_path, no_model_loading):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("RELEARN_BENCH_CACHE", str(tmp_path / "cache"))
+    code = relearn.main(["--dry-run", "--model", "muse-bench/MUSE-News_target", "--data", "muse-bench/MUSE-News",
+                         "--defense", "npo_sam"])
+    assert code == 0
+    out = capsys.readouterr().out
+    plan = yaml.safe_load("\n".join(line for line in out.splitlines() if not line.startswith(("dry run", "note:"))))
+    attack = plan["attack"]["hyperparameters"]
+    assert (attack["lr"], attack["batch_size"], attack["schedule"], attack["max_length"]) == (1e-5, 4, "cosine", 2048)
+    assert plan["attack"]["milestones"] == [0, 25, 50, 75, 100, 125, 150]
+    assert plan["curves"]["npo_sam"]["defense"] == "npo_sam"
+    assert plan["curves"]["npo_sam"]["defense_hyperparameters"]["sam_rho"] == 0.01
+    assert plan["curves"]["target"]["checkpoint"] == "muse-bench/MUSE-News_target"
+    assert not (tmp_path / "cache").exists()  # nothing was written either
+
+
+@pytest.mark.slow
+def test_dry_run_as_a_command_exits_zero(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RELEARN_BENCH_CACHE": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.relearn", "--dry-run", "--model", "muse-bench/MUSE-News_target",
+         "--data", "muse-bench/MUSE-News", "--defense", "npo_sam"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "lr: 1.0e-05" in done.stdout and "schedule: cosine" in done.stdout
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--attack", "fine_tune"], "unknown attack 'fine_tune'; valid names: finetune, lora"),
+        (["--steps", "0"], "steps must be >= 1"),
+        (["--milestones", "2,9"], "milestone 9 lies outside the attack's 0..4 steps"),
+        (["--relearn-docs", "9"], "relearn document count 9 is larger than the forget set (4 documents)"),
+        (["--relearn-docs", "lots"], "--relearn-docs must be a count"),
+        (["--seeds", "0,x"], "--seeds must be comma-separated integers"),
+        (["--lora-rank", "4"], "--lora-rank applies to the lora attack only"),
+    ],
+)
+def test_bad_input_fails_with_a_reason_before_any_model_loads(tmp_path, muse_dir, gpt2_dir, no_model_loading,
+                                                              extra, words):
+    args = _run_args(gpt2_dir, muse_dir, tmp_path / "out", tmp_path / "state")
+    with pytest.raises(UsageError) as caught:
+        relearn.main(args + extra)
+    assert words in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_an_unwritable_output_dir_is_refused(tmp_path, muse_dir, gpt2_dir, no_model_loading):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(UsageError, match="a-file"):
+        relearn.main(_run_args(gpt2_dir, muse_dir, blocker / "results", tmp_path / "state"))
+
+
+def test_an_existing_named_output_is_not_overwritten(tmp_path, muse_dir, gpt2_dir, no_model_loading):
+    existing = tmp_path / "mine.yaml"
+    existing.write_text("keep me\n")
+    args = _run_args(gpt2_dir, muse_dir, tmp_path / "out", tmp_path / "state")
+    args[args.index("--output-dir"):args.index("--output-dir") + 2] = ["--output", str(existing)]
+    with pytest.raises(UsageError, match="mine.yaml exists; pass --overwrite"):
+        relearn.main(args)
+    assert existing.read_text() == "keep me\n"
+
+
+@pytest.mark.slow
+def test_bad_input_from_the_command_line_is_one_line_and_exit_two(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.relearn", "--attack", "nope", "--dry-run"],
+        cwd=ROOT, env={**os.environ, "RELEARN_BENCH_CACHE": str(tmp_path)}, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == ["error: unknown attack 'nope'; valid names: finetune, lora"]
+
+
+# --------------------------------------------------------------------------- real (tiny) runs
+
+
+def _only_result(directory: Path) -> Path:
+    found = sorted(directory.glob("*.yaml"))
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.mark.slow
+def test_a_plain_transformers_gpt2_checkpoint_can_be_attacked(tmp_path, muse_dir, gpt2_dir, capsys):
+    out, state = tmp_path / "out", tmp_path / "state"
+    assert relearn.main(_run_args(gpt2_dir, muse_dir, out, state, "--attack", "lora")) == 0
+    path = _only_result(out)
+    result = read_result(path)
+    assert validate_result(result) == []
+    assert path.with_suffix(".png").is_file()
+    assert result["run_id"] in path.name
+    assert list(result["curves"]) == ["gpt2-tiny"]
+    curve = result["curves"]["gpt2-tiny"]
+    assert curve["steps"] == [0, 2, 4]
+    assert set(curve["metrics"]) >= {"knowmem_forget", "knowmem_forget_heldout", "knowmem_forget_relearn",
+                                     "verbmem_forget", "knowmem_retain"}
+    assert len(result["attack"]["relearn_doc_ids"]) == 2 and len(result["attack"]["heldout_doc_ids"]) == 2
+    assert result["references"] == {"target": None, "retrain": None}
+    assert result["summary"]["gpt2-tiny"]["knowmem_forget"]["recovery_ratio"]["mean"] is None  # no target
+    assert list(state.iterdir()) == []  # the run's state is gone once the file is written
+    assert "gpt2-tiny" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_resume_after_an_interruption_gives_the_uninterrupted_numbers(tmp_path, muse_dir, gpt2_dir, monkeypatch):
+    extra = ("--seeds", "0,1", "--attack", "finetune")
+    # The uninterrupted reference.
+    assert relearn.main(_run_args(gpt2_dir, muse_dir, tmp_path / "ref", tmp_path / "ref-state", *extra)) == 0
+    reference = read_result(_only_result(tmp_path / "ref"))
+
+    # Interrupt the second seed's attack right after its first milestone checkpoint.
+    out, state = tmp_path / "out", tmp_path / "state"
+    original = relearn.RunState.save_checkpoint
+    calls = []
+
+    def interrupted(self, seed, label, payload):
+        original(self, seed, label, payload)
+        calls.append(seed)
+        if seed == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(relearn.RunState, "save_checkpoint", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        relearn.main(_run_args(gpt2_dir, muse_dir, out, state, *extra))
+    assert calls == [0, 0, 1]
+    assert not out.exists() or not any(out.iterdir())  # no partial result file
+    monkeypatch.setattr(relearn.RunState, "save_checkpoint", original)
+
+    assert relearn.main(_run_args(gpt2_dir, muse_dir, out, state, *extra, "--resume")) == 0
+    resumed = read_result(_only_result(out))
+    assert resumed["curves"] == reference["curves"]
+    assert resumed["summary"] == reference["summary"]
+    assert resumed["trajectories"] == reference["trajectories"]
