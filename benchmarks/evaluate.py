@@ -180,12 +180,14 @@ def format_table(outcomes, metric_names: Sequence[str]) -> str:
     from benchmarks.core.metrics import METRICS
 
     arrows = {"lower": "↓", "higher": "↑", "closer to 0": "→0"}
-    headers = ["model"] + [
+    headers = ["role", "model"] + [
         f"{METRICS.get(n).label} {arrows[METRICS.get(n).goal]}" for n in metric_names
     ]
+    # As in MUSE's tables: the evaluated model first, the retrain reference below it.
+    ordered = sorted(outcomes.values(), key=lambda outcome: outcome[0].role == "retrain")
     rows = [
-        [entry.label] + [result.scores[n] for n in metric_names]
-        for entry, result in outcomes.values()
+        [entry.role, entry.label] + [result.scores[n] for n in metric_names]
+        for entry, result in ordered
     ]
     return tabulate(rows, headers=headers, tablefmt="github", floatfmt=".2f")
 

@@ -324,9 +324,9 @@ def _resolve_data(source: str, dry_run: bool, notes: list[str]) -> str:
 
 def _defense_settings(name: str, preset: str) -> dict:
     """A defense's hyperparameters: the world's calibrated ones or the paper's defaults."""
-    from defenses import DEFENSES
+    from benchmarks.unlearn import preset_settings
 
-    return DEFENSES.get(name).config_class().to_dict()  # TODO: world presets from benchmarks.unlearn
+    return preset_settings(name, "world" if preset == WORLD else "paper")
 
 
 def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
@@ -489,38 +489,64 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
     return plan
 
 
+def _world_status() -> str:
+    from benchmarks.world import WorldBuildConfig, default_world_dir, read_manifest
+
+    root = default_world_dir(WorldBuildConfig())
+    return f"{root} ({'cached' if read_manifest(root) is not None else 'built on first use, minutes'})"
+
+
 def format_plan(plan: Plan) -> str:
     """The plan as text: models, data, every hyperparameter, files."""
     import yaml
 
-    from benchmarks.core.recovery import DEFINITIONS
-
     config = plan.attack_config
+    notes = list(plan.notes)
+    if config.relearn_docs is None and config.relearn_fraction == 1.0:
+        notes.append("every forget document goes to the attacker (the paper's setting): V is empty, so held-out "
+                     "recovery is not measured; pass e.g. --relearn-docs 0.5 to hold half out")
+    if plan.data_kind == "hub" or (plan.data_kind != "world" and not plan.world):
+        notes.append("questions without a doc_id (MUSE-News as published) make T/V recovery unavailable; it is "
+                     "reported as such, never guessed")
+    if not plan.world and plan.attack == "finetune" and plan.dtype == "float32":
+        notes.append("full fine-tuning in float32 holds weights, gradients and two AdamW moments (16 bytes per "
+                     "parameter); for a 7B model on one GPU use --attack lora, or --dtype bfloat16 "
+                     "--mixed-precision bf16")
+    models = {r.label: r.describe() for r in plan.roles}
     doc = {
         "data": {"source": plan.data, "kind": plan.data_kind, "preset": plan.preset},
-        "model": {"id": plan.model_id, "dtype": plan.dtype},
-        "curves": {r.label: r.describe() for r in plan.roles},
+        "model": {"id": plan.model_id, "dtype": plan.dtype,
+                  **({"world": _world_status()} if plan.world else {})},
+        "curves": models,
         "attack": {
             "name": plan.attack,
             "hyperparameters": config.to_dict(),
             "gradient_accumulation": config.grad_accum,
             "seeds": plan.seeds,
             "milestones": plan.milestones,
-            "documents": "T = relearn documents drawn per seed (sha256 of seed and doc id), V = the rest",
+            "documents": "per seed, T = the relearn documents with the smallest sha256(seed, doc id); V = the rest",
         },
         "evaluation": {
             "metrics": ["knowmem_forget", "knowmem_forget_relearn (T)", "knowmem_forget_heldout (V)",
                         "verbmem_forget", "knowmem_retain"] + (["privleak (steps 0 and last)"] if plan.privleak else []),
             "batch_size": plan.eval_batch_size,
-            "evaluations": len(plan.milestones) * len(plan.roles) * len(plan.seeds),
+            "model_evaluations": len(plan.roles) * (1 + len(plan.seeds) * (len(plan.milestones) - 1)),
         },
-        "summaries": DEFINITIONS,
         "output": {"yaml": str(plan.output_yaml), "png": str(plan.output_png),
                    "resume_state": str(plan.state_dir), "checkpoints_at_milestones": plan.checkpoints},
     }
-    text = yaml.safe_dump(doc, sort_keys=False, width=110, allow_unicode=True)
-    notes = "".join(f"note: {n}\n" for n in plan.notes)
-    return f"dry run: nothing was loaded.\n{notes}{text}"
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def flow_lists(dumper, data):
+        flow = all(isinstance(v, (int, float, str)) for v in data) and len(data) < 20
+        return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+    Dumper.add_representer(list, flow_lists)
+    Dumper.add_representer(tuple, flow_lists)
+    text = yaml.dump(doc, Dumper=Dumper, sort_keys=False, width=110, allow_unicode=True)
+    return "dry run: nothing was loaded.\n" + "".join(f"note: {n}\n" for n in notes) + text
 
 
 # --------------------------------------------------------------------------- resume state
@@ -594,30 +620,6 @@ class RunState:
 # --------------------------------------------------------------------------- running
 
 
-def model_fingerprint(ref: str) -> str | None:
-    """A local checkpoint's content hash (sha256 over its config and weight files), or a hub
-    model's cached revision; None when neither can be known offline."""
-    path = Path(ref)
-    if path.is_dir():
-        digest = hashlib.sha256()
-        for file in sorted(path.iterdir()):
-            if file.suffix in (".safetensors", ".bin") or file.name == "config.json":
-                digest.update(file.name.encode("utf-8"))
-                with open(file, "rb") as handle:
-                    for block in iter(lambda: handle.read(1 << 24), b""):
-                        digest.update(block)
-        return "sha256:" + digest.hexdigest()
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(ref, "config.json")
-        if isinstance(cached, str):
-            return "revision:" + Path(cached).parent.name
-    except Exception:  # an unusual cache layout only costs the revision
-        pass
-    return None
-
-
 def _device() -> str:
     import torch
 
@@ -628,6 +630,7 @@ def _prepare_models(plan: Plan, data, timings: dict) -> tuple[dict[str, dict], s
     """Fill in the world's checkpoints and run (or find cached) defenses; returns per role the
     model record for the result file, and the checkpoint of ``plan.model_id``."""
     from benchmarks.core.results import timed
+    from benchmarks.unlearn import model_fingerprint
 
     if plan.world and any(r.ref is None and r.kind in ("target", "retrain") for r in plan.roles) or any(
         r.base == "world/target" for r in plan.roles
@@ -653,7 +656,7 @@ def _prepare_models(plan: Plan, data, timings: dict) -> tuple[dict[str, dict], s
             from benchmarks import unlearn
 
             with timed(timings, "defense"):
-                role.ref = str(unlearn.unlearn_cached(role.base, role.defense, role.defense_config, plan.data,
+                role.ref = str(unlearn.unlearn_cached(role.base, role.defense, role.defense_config, data,
                                                       dtype=plan.dtype, progress=plan.progress))
         records[role.label] = {
             "kind": role.kind,
@@ -665,18 +668,21 @@ def _prepare_models(plan: Plan, data, timings: dict) -> tuple[dict[str, dict], s
     return records, base_ref
 
 
-def _attack_one(plan: Plan, role: Role, seed: int, texts: list[str], groups, evalset, state: RunState,
-                retrain_auc: float | None) -> dict:
-    """One trajectory: load the model, attack it once, evaluate at step 0 and every milestone.
+def _attack_one(plan: Plan, role: Role, seed: int, texts: list[str], evalset, state: RunState,
+                retrain_auc: float | None, zero_point: dict | None) -> dict:
+    """One trajectory: load the model, attack it once, measure at step 0 and every milestone.
 
-    At each milestone after 0 the trainable weights, the loop state and the curve so far are
-    saved, so an interrupted trajectory resumes from its last milestone with the same numbers.
+    ``zero_point`` is the model's step-0 measurement from an earlier seed: before the first
+    update the model is the same whatever the seed, so it is measured once (the T/V grouping,
+    which does depend on the seed, is applied later). At each milestone after 0 the trainable
+    weights, the loop state and the curve so far are saved, so an interrupted trajectory
+    resumes from its last milestone with the same numbers.
     """
     import torch
 
     from attacks import ATTACKS
     from benchmarks.core.models import load_model
-    from benchmarks.core.recovery import evaluate_point
+    from benchmarks.core.recovery import measure_point
 
     attack = ATTACKS.get(plan.attack)(plan.attack_config)
     loaded, tokenizer = load_model(role.ref, dtype=plan.dtype, device=_device())
@@ -694,18 +700,21 @@ def _attack_one(plan: Plan, role: Role, seed: int, texts: list[str], groups, eva
 
     def hook(step: int, attacked) -> None:
         nonlocal eval_seconds
+        if step == 0 and zero_point is not None:
+            curve[0] = zero_point
+            return
         began = time.perf_counter()
         with_privleak = plan.privleak and step in (0, last)
         reference = retrain_auc
         if role.kind == "retrain" and step > 0 and with_privleak:
             reference = curve[0]["privleak_auc"]  # the retrain model before the attack is the reference
-        curve[step] = evaluate_point(
-            attacked, tokenizer, evalset, groups, batch_size=plan.eval_batch_size, privleak=with_privleak,
+        curve[step] = measure_point(
+            attacked, tokenizer, evalset, batch_size=plan.eval_batch_size, privleak=with_privleak,
             retrain_auc=reference, as_retrain=role.kind == "retrain" and step == 0,
         )
         eval_seconds += time.perf_counter() - began
         logger.info("%s, seed %d, step %d: %s", role.label, seed, step,
-                    ", ".join(f"{k} {v:.1f}" for k, v in curve[step].items() if v is not None))
+                    ", ".join(f"{k} {v:.1f}" for k, v in curve[step].items() if isinstance(v, float)))
 
     def state_hook(step: int, loop_state: dict) -> None:
         state.save_checkpoint(seed, role.label, {
@@ -772,6 +781,8 @@ def execute(plan: Plan) -> dict:
     model_records = meta.get("models")
     if model_records is None:
         model_records, base_ref = _prepare_models(plan, data, timings)
+        from benchmarks.unlearn import model_fingerprint
+
         meta.update(models=model_records, refs={r.label: r.ref for r in plan.roles},
                     model_hash=model_fingerprint(base_ref))
         state.update_meta(**meta)
@@ -780,7 +791,9 @@ def execute(plan: Plan) -> dict:
             role.ref = meta["refs"][role.label]
 
     splits = {seed: split_documents(ids, count, seed) for seed in plan.seeds}
+    groups = {seed: question_groups(evalset.forget_qa, split) for seed, split in splits.items()}
     trajectories: dict[int, dict[str, dict]] = {}
+    zero_points: dict[str, dict] = {}
     retrain_auc = meta.get("retrain_auc")
     from tqdm.auto import tqdm
 
@@ -790,37 +803,31 @@ def execute(plan: Plan) -> dict:
         bar.set_postfix_str(f"{role.label} seed {seed}")
         record = state.finished(seed, role.label)
         if record is None:
-            split = splits[seed]
-            groups = question_groups(evalset.forget_qa, split)
-            texts = [text_of[d] for d in split.train]
-            record = _attack_one(plan, role, seed, texts, groups, evalset, state, retrain_auc)
+            texts = [text_of[d] for d in splits[seed].train]
+            record = _attack_one(plan, role, seed, texts, evalset, state, retrain_auc, zero_points.get(role.label))
             timings["attack"] = timings.get("attack", 0.0) + record["attack_seconds"]
             timings["evaluation"] = timings.get("evaluation", 0.0) + record["eval_seconds"]
             state.finish(seed, role.label, record)
+        zero_points.setdefault(role.label, record["curve"]["0"])
         if role.kind == "retrain" and plan.privleak and retrain_auc is None:
             retrain_auc = record["curve"]["0"].get("privleak_auc")
             state.update_meta(retrain_auc=retrain_auc)
         trajectories.setdefault(seed, {})[role.label] = record
     bar.close()
     timings["total"] = time.perf_counter() - began
-    question_counts = {}
-    for seed, split in splits.items():
-        groups = question_groups(evalset.forget_qa, split)
-        question_counts[seed] = {"all": len(groups.all), "T": None if groups.train is None else len(groups.train),
-                                 "V": None if groups.held_out is None else len(groups.held_out)}
-    return build_result(plan, meta, model_records, data, splits, question_counts, trajectories, timings, retrain_auc)
+    return build_result(plan, meta, model_records, data, splits, groups, trajectories, timings, retrain_auc)
 
 
 # --------------------------------------------------------------------------- the result
 
 
-def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict, question_counts: dict,
+def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict, groups: dict,
                  trajectories: dict, timings: dict, retrain_auc: float | None) -> dict:
     """The result dict (schema of :mod:`benchmarks.core.results`)."""
     from benchmarks.core.metrics import MUSE_NEWS_RETRAIN_AUC_SOURCE
     from benchmarks.core.recovery import (
         DEFINITIONS, KNOWMEM_T, KNOWMEM_V, PRIVLEAK, RECOVERY_METRICS, RETAIN, combine_seeds, curve_band,
-        summarize_metric,
+        point_values, summarize_metric,
     )
     from benchmarks.core.results import HIGHER_IS_BETTER, SCHEMA_VERSION, environment_info
 
@@ -831,9 +838,14 @@ def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict
     target = next((r.label for r in plan.roles if r.kind == "target"), None)
     retrain = next((r.label for r in plan.roles if r.kind == "retrain"), None)
 
+    points = {
+        (seed, label): {int(s): point_values(raw, groups[seed]) for s, raw in record["curve"].items()}
+        for seed, per_role in trajectories.items() for label, record in per_role.items()
+    }
+
     def values(seed: int, label: str, metric: str) -> list[float | None]:
-        curve = trajectories[seed][label]["curve"]
-        return [curve.get(str(s), {}).get(metric) for s in steps]
+        curve = points[(seed, label)]
+        return [curve.get(s, {}).get(metric) for s in steps]
 
     groups_known = any(
         any(v is not None for v in values(seed, r.label, KNOWMEM_V)) for seed in plan.seeds for r in plan.roles
@@ -903,7 +915,10 @@ def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict
         "references": {"target": target, "retrain": retrain},
         "evaluation": {
             "batch_size": plan.eval_batch_size,
-            "knowmem_forget_questions": question_counts,
+            "knowmem_forget_questions": {
+                seed: {"all": len(g.all), "relearn": None if g.train is None else len(g.train),
+                       "heldout": None if g.held_out is None else len(g.held_out)}
+                for seed, g in groups.items()},
             "privleak_reference": privleak_reference,
             "heldout_questions": "per-question doc_id" if groups_known else
             "unavailable: the questions carry no doc_id, so T/V recovery cannot be measured",

@@ -172,11 +172,11 @@ def resolve_settings(defense: str, settings: Mapping[str, Any]):
 
 @dataclass
 class EvalPlan:
-    """What to measure before unlearning and after each epoch, and how to select."""
+    """What to measure before unlearning and after each epoch (the selection rule's threshold
+    is the run's ``utility_threshold`` setting)."""
 
     metrics: tuple[str, ...] = EVAL_METRICS
     batch_size: int = 16
-    threshold: float = 0.9
 
 
 @dataclass
@@ -194,10 +194,11 @@ class _EpochSelector:
     """Evaluates the model at step 0 and after each epoch, remembering the weights of the last
     epoch that meets the utility bar (and of the best one, as a fallback)."""
 
-    def __init__(self, tokenizer, data, plan: EvalPlan, outcome: UnlearnOutcome) -> None:
+    def __init__(self, tokenizer, data, plan: EvalPlan, threshold: float, outcome: UnlearnOutcome) -> None:
         self.tokenizer = tokenizer
         self.data = data
         self.plan = plan
+        self.threshold = threshold
         self.outcome = outcome
         self.target_utility: float | None = None
         self.kept: tuple[int, dict] | None = None  # last qualifying epoch
@@ -219,7 +220,7 @@ class _EpochSelector:
     def bar(self) -> float | None:
         if self.target_utility is None:
             return None
-        return self.plan.threshold * self.target_utility
+        return self.threshold * self.target_utility
 
     def at_start(self, step: int, model) -> None:
         scores = self._scores(model)
@@ -244,7 +245,7 @@ class _EpochSelector:
 
     def choose(self, model) -> dict[str, Any]:
         """Load the selected epoch's weights into ``model`` and describe the choice."""
-        rule = (f"last epoch whose {SELECTION_METRIC} >= {self.plan.threshold} x the target's "
+        rule = (f"last epoch whose {SELECTION_METRIC} >= {self.threshold} x the target's "
                 f"({self.target_utility:.2f} -> bar {self.bar:.2f})")
         if self.kept is not None:
             epoch, state = self.kept
@@ -260,7 +261,7 @@ class _EpochSelector:
             model.load_state_dict(state)
         return {
             "metric": SELECTION_METRIC,
-            "threshold": self.plan.threshold,
+            "threshold": self.threshold,
             "target": self.target_utility,
             "bar": self.bar,
             "rule": rule,
@@ -332,7 +333,10 @@ def unlearn(
     )
     outcome.timings["reference"] = time.perf_counter() - started
 
-    selector = _EpochSelector(tokenizer, data, evaluation, outcome) if evaluation is not None else None
+    selector = (
+        _EpochSelector(tokenizer, data, evaluation, config.utility_threshold, outcome)
+        if evaluation is not None else None
+    )
     started = time.perf_counter()
     try:
         result = train(
@@ -490,7 +494,8 @@ def unlearn_cached(
     if isinstance(data, str):
         data = load_data(data, subsets=("raw", "knowmem", "verbmem"))
     preset = "world" if data.kind == "world" else "paper"
-    settings = dict(settings) if settings is not None else preset_settings(defense, preset)
+    # Whatever is not given comes from the preset, so the cache key and the record are complete.
+    settings = {**preset_settings(defense, preset), **(settings or {})}
     instance, config = resolve_settings(defense, settings)
     key = hashlib.sha256(json.dumps({
         "schema": SCHEMA_VERSION,
@@ -672,7 +677,7 @@ def plan_request(args: argparse.Namespace, registry=None) -> Request:
         if report.suffix not in (".yaml", ".yml"):
             raise UsageError(f"--report {args.report!r} should be a .yaml file")
     retrain_ref = check_model_ref(args.retrain) if args.retrain is not None else None
-    evaluation = None if args.no_eval else EvalPlan(batch_size=args.eval_batch_size, threshold=config.utility_threshold)
+    evaluation = None if args.no_eval else EvalPlan(batch_size=args.eval_batch_size)
     return Request(model_ref, data, preset, defense, config, out, report, retrain_ref, evaluation)
 
 
@@ -727,17 +732,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     from benchmarks.core.training import make_accelerator
 
     accelerator = make_accelerator(request.config.train_config())
+    if not accelerator.is_main_process:
+        logging.getLogger().setLevel(logging.WARNING)  # one process reports
     timings: dict[str, float] = {}
     model_ref, retrain_ref = request.model_ref, request.retrain_ref
-    if model_ref is None:
+    world_reference = request.evaluation is not None and retrain_ref is None and request.data == WORLD
+    if model_ref is None or world_reference:
         from benchmarks.world import ensure_world
 
         started = time.perf_counter()
         with accelerator.main_process_first():  # one process builds the world, the others wait
             paths = ensure_world()
         timings["world"] = time.perf_counter() - started
-        model_ref = str(paths.target_dir)
-        if retrain_ref is None and request.evaluation is not None:
+        model_ref = model_ref or str(paths.target_dir)
+        if world_reference:
             retrain_ref = str(paths.retrain_dir)
     data = load_data(request.data, subsets=("raw", "knowmem", "verbmem"))
     check_data(data, request.defense, request.evaluation)

@@ -1,5 +1,5 @@
 """Gradient ascent (GA) and gradient difference (GradDiff): the baselines NPO was designed
-to beat (Zhang et al. 2024, §2; MUSE's ``ga`` and ``ga_gdr``).
+to beat (Zhang et al. 2024, "Negative Preference Optimization"; MUSE's ``ga`` and ``ga_gdr``).
 
 GA minimises the likelihood of the forget data, i.e. maximises its NLL:
 

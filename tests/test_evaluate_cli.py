@@ -124,7 +124,8 @@ def test_retrain_model_sets_privleak_reference(checkpoint, muse_dir, tmp_path, c
     ]
     assert run_main(argv) == 0
     table = capsys.readouterr().out.splitlines()
-    assert len(table) == 4  # header, rule, retrain row, model row
+    assert len(table) == 4  # header, rule, model row, retrain row
+    assert table[2].startswith("| model ") and table[3].startswith("| retrain ")
     document = yaml.safe_load(output.read_text())
     assert list(document["models"]) == ["retrain", "model"]
     for role in ("retrain", "model"):
@@ -152,7 +153,7 @@ def test_world_default_evaluates_target_and_retrain(checkpoint, monkeypatch, cap
     out = capsys.readouterr().out
     assert calls == [None]
     assert "world/retrain" in out and "world/target" in out
-    assert out.index("world/retrain") < out.index("world/target")
+    assert out.index("world/target") < out.index("world/retrain")
 
 
 # ----------------------------------------------------------------------------- errors

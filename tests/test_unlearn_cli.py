@@ -331,3 +331,23 @@ def test_bf16_mixed_precision_npo_sam_run(tiny_run, tmp_path):
     weights = load_file(out / "model.safetensors")
     assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
     assert _result(out)["defense"]["hyperparameters"]["mixed_precision"] == "bf16"
+
+
+@pytest.mark.slow
+def test_unlearn_cached_builds_once_and_fills_settings_from_the_preset(tiny_run, tmp_path, monkeypatch):
+    model_dir, data_dir = tiny_run
+    path = unlearn.unlearn_cached(str(model_dir), "npo", {"lr": 1e-3, "epochs": 1}, str(data_dir),
+                                  cache_dir=tmp_path / "cache", evaluation=None)
+    document = _result(path)
+    assert document["status"] == "complete"
+    assert document["defense"]["hyperparameters"]["beta"] == 0.1  # from the preset
+    assert document["defense"]["hyperparameters"]["batch_size"] == unlearn.PAPER_PRESET["batch_size"]
+    assert (path / "model.safetensors").is_file()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("unlearned again instead of using the cache")
+
+    monkeypatch.setattr(unlearn, "unlearn", refuse)
+    again = unlearn.unlearn_cached(str(model_dir), "npo", {"lr": 1e-3, "epochs": 1}, str(data_dir),
+                                   cache_dir=tmp_path / "cache", evaluation=None)
+    assert again == path

@@ -297,31 +297,26 @@ class EvalSet:
         )
 
 
-def evaluate_point(
+def measure_point(
     model,
     tokenizer,
     evalset: EvalSet,
-    groups: ItemGroups,
     batch_size: int = 16,
     privleak: bool = False,
     retrain_auc: float | None = None,
     as_retrain: bool = False,
-) -> dict[str, float | None]:
-    """Every curve metric of ``model`` at one milestone.
-
-    KnowMem-forget is generated once per question and averaged over all questions, over T's
-    and over V's (None where T/V membership is unknown or the group is empty), so the three
-    numbers are consistent by construction. With ``privleak``, also PrivLeak and its AUC
-    (``privleak_auc``, kept so that the retrain model's AUC can serve as the reference).
+) -> dict[str, Any]:
+    """Every measurement of ``model`` at one milestone, before grouping into T and V:
+    KnowMem-forget per question (``knowmem_forget_items``), VerbMem-forget, KnowMem-retain and,
+    with ``privleak``, PrivLeak and its AUC (``privleak_auc``, kept so that the retrain model's
+    AUC can serve as the others' reference). :func:`point_values` turns it into curve values.
     """
     from benchmarks.core.metrics import knowmem, privleak as privleak_metric, verbmem
 
     forget = knowmem(model, tokenizer, evalset.forget_qa, evalset.forget_icl, batch_size=batch_size, name=KNOWMEM_ALL)
-    scores = [item.score for item in forget.items]
-    values: dict[str, float | None] = {
+    raw: dict[str, Any] = {
         KNOWMEM_ALL: forget.score,
-        KNOWMEM_T: group_mean(scores, groups.train),
-        KNOWMEM_V: group_mean(scores, groups.held_out),
+        "knowmem_forget_items": [item.score for item in forget.items],
         VERBMEM: verbmem(model, tokenizer, evalset.verbmem, batch_size=batch_size, name=VERBMEM).score,
         RETAIN: knowmem(
             model, tokenizer, evalset.retain_qa, evalset.retain_icl, batch_size=batch_size, name=RETAIN
@@ -332,6 +327,22 @@ def evaluate_point(
             model, tokenizer, evalset.privleak_forget, evalset.privleak_holdout,
             retrain_auc=retrain_auc, batch_size=batch_size, as_retrain=as_retrain,
         )
-        values[PRIVLEAK] = leak.score
-        values["privleak_auc"] = leak.details["auc"]
+        raw[PRIVLEAK] = leak.score
+        raw["privleak_auc"] = leak.details["auc"]
+    return raw
+
+
+def point_values(raw: Mapping[str, Any], groups: ItemGroups) -> dict[str, float | None]:
+    """Curve values of one milestone: KnowMem-forget over all questions, over T's and over
+    V's (None where T/V membership is unknown or the group is empty), and the rest as measured.
+    The three KnowMem numbers come from the same generations, so they are consistent."""
+    scores = raw["knowmem_forget_items"]
+    values = {k: v for k, v in raw.items() if k != "knowmem_forget_items"}
+    values[KNOWMEM_T] = group_mean(scores, groups.train)
+    values[KNOWMEM_V] = group_mean(scores, groups.held_out)
     return values
+
+
+def evaluate_point(model, tokenizer, evalset: EvalSet, groups: ItemGroups, **settings) -> dict[str, float | None]:
+    """:func:`measure_point` then :func:`point_values`: the curve values of ``model`` now."""
+    return point_values(measure_point(model, tokenizer, evalset, **settings), groups)

@@ -16,10 +16,11 @@ SAM's ``first_step``/``second_step`` around any optimizer (Foret et al. 2021). W
 
 Gradient accumulation: the perturbation comes from the gradient accumulated over *all*
 micro-batches of the step (the gradient of the step's whole batch), and the second pass again
-runs over all of them, so k micro-batches behave as one k-times-larger batch. Mixed precision:
-forwards run under the accelerator's autocast (applied by ``accelerate`` to the prepared
-model); ε is computed in float32 and added in each parameter's own dtype, and restoration
-copies the saved parameters back bit for bit.
+runs over all of them, so k micro-batches behave as one k-times-larger batch (for losses that
+average over examples; with equal micro-batches for any loss). Mixed precision: every forward
+runs under ``accelerator.autocast()``; ε is computed in float32 and added in each parameter's
+own dtype, and restoration copies the saved parameters back bit for bit. Under several
+processes the gradient is all-reduced once per pass, so every process perturbs by the same ε.
 """
 
 from __future__ import annotations

@@ -1,0 +1,202 @@
+"""Where the time of a relearning run goes: ``python -m benchmarks.profile [relearn args...]``.
+
+Runs ``python -m benchmarks.relearn`` in this process (with the arguments given, the default
+end-to-end world run when there are none), writing its result files to a temporary directory
+so nothing under ``results/`` is touched, and prints its stages -- world, defenses, attacks,
+evaluation -- with seconds and share of the wall-clock total, so the slowest stage is visible.
+
+The stage times are the ones the runner records in its result file (``timings``); what they
+do not cover (loading models for the attacks, imports, writing the result file and the plot)
+is shown as ``rest``. The cache decides what a stage costs: with a warm cache the world and the
+unlearned models are found, not built.
+
+    python -m benchmarks.profile                      # the default run, current cache
+    python -m benchmarks.profile --cold               # from nothing: world and defenses built
+    python -m benchmarks.profile --cache /tmp/c --seeds 0 --steps 10
+
+``--cold`` points ``RELEARN_BENCH_CACHE`` at a fresh temporary directory (removed afterwards);
+``--cache DIR`` at ``DIR``. Any argument this command does not know goes to the runner.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from benchmarks.core.errors import UsageError, run_cli
+
+PROG = "python -m benchmarks.profile"
+CACHE_ENV = "RELEARN_BENCH_CACHE"  # the variable benchmarks.world reads
+
+#: Stages of a run in pipeline order: the runner's ``timings`` key and how the table names it.
+STAGES = (
+    ("data", "data"),
+    ("world", "world"),
+    ("defense", "defenses"),
+    ("attack", "attacks"),
+    ("evaluation", "evaluation"),
+)
+#: The stages the profile is for; the runner should record each of them.
+EXPECTED = ("world", "defense", "attack", "evaluation")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message} (see {PROG} --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        allow_abbrev=False,  # an abbreviation must not swallow one of the runner's flags
+        description="Time a relearning run (python -m benchmarks.relearn) stage by stage. "
+        "Arguments not listed here are passed to the runner (see python -m benchmarks.relearn --help).",
+    )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--cold", action="store_true",
+                       help=f"use a fresh temporary {CACHE_ENV}, so the world and the defenses are built")
+    where.add_argument("--cache", default=None, help=f"use this directory as {CACHE_ENV}")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the temporary output directory (and the --cold cache) and print where")
+    return parser
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str | None) -> Iterator[None]:
+    """``os.environ[name] = value`` inside the block (unchanged when value is None)."""
+    if value is None:
+        yield
+        return
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def _has_flag(argv: Sequence[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def _flag_value(argv: Sequence[str], flag: str) -> str | None:
+    for i, a in enumerate(argv):
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+        if a == flag and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def find_result(out_dir: Path, explicit: str | None, started: float) -> Path | None:
+    """The result YAML the run wrote: ``--output`` when given, else the newest YAML under
+    ``out_dir`` written after ``started`` (a wall-clock timestamp)."""
+    if explicit is not None:
+        path = Path(explicit)
+        return path if path.is_file() else None
+    found = [p for p in out_dir.rglob("*.yaml") if p.stat().st_mtime >= started - 1]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def stage_rows(timings: dict, wall: float) -> tuple[list[list], list[str]]:
+    """Rows ``[stage, seconds, share]`` in pipeline order, then any stage the runner records
+    that this module does not know, then ``rest`` (wall − recorded stages) and ``total``; and
+    the notes on expected stages the runner did not record."""
+    rows, recorded = [], 0.0
+    known = {key for key, _ in STAGES} | {"total"}
+    ordered = [(key, label) for key, label in STAGES if key in timings]
+    ordered += [(key, key) for key in timings if key not in known]
+    for key, label in ordered:
+        seconds = float(timings[key])
+        recorded += seconds
+        rows.append([label, seconds])
+    slowest = max(rows, key=lambda r: r[1])[0] if rows else None
+    rows.append(["rest (model loading, imports, result files, plot)", max(wall - recorded, 0.0)])
+    table = [[label + ("  <- slowest" if label == slowest else ""), f"{s:.1f}", f"{s / wall:.0%}" if wall else "-"]
+             for label, s in rows]
+    table.append(["total (wall clock)", f"{wall:.1f}", "100%"])
+    notes = []
+    for key in EXPECTED:
+        if key not in timings:
+            notes.append(
+                f"the runner recorded no {key!r} timing: the stage did not run in this configuration "
+                "or the runner does not time it"
+            )
+    if "total" in timings:
+        notes.append(f"the runner's own total (without writing files) is {float(timings['total']):.1f} s")
+    return table, notes
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, relearn_argv = build_parser().parse_known_args(argv)
+    if args.cache is not None and Path(args.cache).exists() and not Path(args.cache).is_dir():
+        raise UsageError(f"--cache {args.cache!r} is a file, not a directory; give a directory for the cache")
+    if _has_flag(relearn_argv, "--dry-run"):
+        raise UsageError("--dry-run runs nothing to time; drop it")
+
+    from benchmarks import relearn
+
+    explicit_output = _flag_value(relearn_argv, "--output")
+    given_dir = _flag_value(relearn_argv, "--output-dir")
+    runner_argv = list(relearn_argv)
+    temporary: list[Path] = []  # removed at the end unless --keep
+    if explicit_output is not None or given_dir is not None:
+        out_dir = Path(given_dir) if given_dir is not None else Path(explicit_output).parent
+    else:
+        out_dir = Path(tempfile.mkdtemp(prefix="relearn-profile-out-"))
+        temporary.append(out_dir)
+        runner_argv += ["--output-dir", str(out_dir)]
+    cache = str(Path(args.cache).expanduser()) if args.cache else None
+    if args.cold:
+        cache = tempfile.mkdtemp(prefix="relearn-profile-cache-")
+        temporary.append(Path(cache))
+
+    try:
+        with _environment(CACHE_ENV, cache):
+            started_at = time.time()
+            began = time.perf_counter()
+            code = relearn.main(runner_argv)
+            wall = time.perf_counter() - began
+        result_path = find_result(out_dir, explicit_output, started_at)
+        if result_path is None:
+            print(f"error: the run wrote no result file under {out_dir}; nothing to profile", file=sys.stderr)
+            return 1
+        import yaml
+        from tabulate import tabulate
+
+        result = yaml.safe_load(result_path.read_text(encoding="utf-8"))
+        timings = result.get("timings") or {}
+        table, notes = stage_rows(timings, wall)
+        if not timings:
+            notes.insert(0, f"the result file {result_path} has no 'timings'; only the wall clock is known")
+        environment = result.get("environment") or {}
+        print()
+        print(f"profile of: {result.get('command', PROG)}")
+        print(f"cache: {cache or os.environ.get(CACHE_ENV) or '~/.cache/relearn-bench'}"
+              + (" (cold: a fresh temporary cache)" if args.cold else ""))
+        print(f"device: {environment.get('device', '?')}, torch threads: {environment.get('threads', '?')}")
+        print(tabulate(table, headers=["stage", "seconds", "share"], tablefmt="github", disable_numparse=True))
+        for note in notes:
+            print(f"note: {note}")
+        return code
+    finally:
+        if args.keep:
+            if temporary:
+                print("kept: " + ", ".join(str(p) for p in temporary), file=sys.stderr)
+        else:
+            for path in temporary:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    run_cli(main)
