@@ -33,10 +33,10 @@ logger = logging.getLogger(__name__)
 class AttackConfig:
     """Settings shared by every relearning attack.
 
-    Defaults are the NPO+SAM paper's MUSE-News attack (Fan et al., ICML 2025, §5 and
-    App. C): AdamW, lr 1e-5, batch 4, cosine schedule, 100/125/150 steps over the forget
-    corpus in 2048-token chunks. The embedded world uses its own calibrated values
-    (``benchmarks.relearn.WORLD_ATTACK``).
+    Defaults are the NPO+SAM paper's MUSE-News attack (Fan et al., ICML 2025, §5): AdamW,
+    lr 1e-5, batch 4, cosine schedule, 100/125/150 steps over the forget corpus in 2048-token
+    chunks (here one 150-step run, evaluated on the way). The embedded world uses its own
+    calibrated values (``benchmarks.relearn.WORLD_PRESET``).
     """
 
     relearn_docs: int | None = field(

@@ -8,6 +8,7 @@ The adapters come from ``peft``. Evaluation sees the adapted model (base + BÂ·AÂ
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -66,8 +67,13 @@ class LoraAttack(Attack):
             task_type="CAUSAL_LM",
         )
         try:
-            # get_peft_model freezes every base weight and leaves only the adapters trainable.
-            return get_peft_model(model, lora)
+            with warnings.catch_warnings():
+                # Notices from peft/transformers internals that say nothing about this run
+                # (a deprecated property peft reads; GPT-2's Conv1D layers, which peft handles).
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+                warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+                # get_peft_model freezes every base weight and leaves only the adapters trainable.
+                return get_peft_model(model, lora)
         except ValueError as err:
             raise UsageError(
                 f"LoRA cannot adapt this model ({err}); name its linear layers with --lora-targets"

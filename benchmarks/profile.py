@@ -137,6 +137,40 @@ def stage_rows(timings: dict, wall: float) -> tuple[list[list], list[str]]:
     return table, notes
 
 
+def _seconds(timings: dict) -> str:
+    return ", ".join(f"{key} {float(value):.1f} s" for key, value in timings.items()
+                     if isinstance(value, (int, float)) and not key.endswith("_steps") and "loss" not in key)
+
+
+def stage_details(result: dict, started_at: float) -> list[str]:
+    """Where the world and defense stages went, from the files those stages leave: the world's
+    ``world.json`` and each unlearned model's ``unlearn.yaml`` (only for what this run built;
+    what came from the cache cost nothing here)."""
+    import json
+
+    import yaml
+
+    lines = []
+    models = result.get("models") or {}
+    worlds = {Path(m["checkpoint"]).parent for m in models.values()
+              if m.get("kind") in ("target", "retrain") and m.get("checkpoint")}
+    for root in sorted(worlds):
+        manifest = root / "world.json"
+        if manifest.is_file() and manifest.stat().st_mtime >= started_at - 1:
+            timings = json.loads(manifest.read_text(encoding="utf-8")).get("timings") or {}
+            lines.append(f"world built in this run: {_seconds(timings)}")
+    for label, model in models.items():
+        if model.get("kind") != "defended" or not model.get("checkpoint"):
+            continue
+        record = Path(model["checkpoint"]) / "unlearn.yaml"
+        if record.is_file() and record.stat().st_mtime >= started_at - 1:
+            timings = (yaml.safe_load(record.read_text(encoding="utf-8")) or {}).get("timings") or {}
+            lines.append(f"defense {label} unlearned in this run: {_seconds(timings)}")
+        elif record.is_file():
+            lines.append(f"defense {label}: found in the cache (unlearned earlier)")
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args, relearn_argv = build_parser().parse_known_args(argv)
     if args.cache is not None and Path(args.cache).exists() and not Path(args.cache).is_dir():
@@ -186,6 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               + (" (cold: a fresh temporary cache)" if args.cold else ""))
         print(f"device: {environment.get('device', '?')}, torch threads: {environment.get('threads', '?')}")
         print(tabulate(table, headers=["stage", "seconds", "share"], tablefmt="github", disable_numparse=True))
+        for line in stage_details(result, started_at):
+            print(f"  {line}")
         for note in notes:
             print(f"note: {note}")
         return code

@@ -632,24 +632,19 @@ def _prepare_models(plan: Plan, data, timings: dict) -> tuple[dict[str, dict], s
     from benchmarks.core.results import timed
     from benchmarks.unlearn import model_fingerprint
 
-    if plan.world and any(r.ref is None and r.kind in ("target", "retrain") for r in plan.roles) or any(
-        r.base == "world/target" for r in plan.roles
-    ):
+    base_ref = plan.model_ref
+    if base_ref is None or any(r.ref is None and r.kind in ("target", "retrain") for r in plan.roles):
         from benchmarks.world import ensure_world
 
         with timed(timings, "world"):
-            paths = ensure_world()
+            paths = ensure_world()  # built on first use, then cached
         world_refs = {"target": str(paths.target_dir), "retrain": str(paths.retrain_dir)}
         for role in plan.roles:
             if role.ref is None and role.kind in world_refs:
                 role.ref = world_refs[role.kind]
             if role.base == "world/target":
                 role.base = world_refs["target"]
-    base_ref = plan.model_ref
-    if base_ref is None:
-        from benchmarks.world import ensure_world
-
-        base_ref = str(ensure_world().target_dir)
+        base_ref = base_ref or world_refs["target"]
     records = {}
     for role in plan.roles:
         if role.kind == "defended":
@@ -805,9 +800,10 @@ def execute(plan: Plan) -> dict:
         if record is None:
             texts = [text_of[d] for d in splits[seed].train]
             record = _attack_one(plan, role, seed, texts, evalset, state, retrain_auc, zero_points.get(role.label))
-            timings["attack"] = timings.get("attack", 0.0) + record["attack_seconds"]
-            timings["evaluation"] = timings.get("evaluation", 0.0) + record["eval_seconds"]
             state.finish(seed, role.label, record)
+        # Counted from the records, so a resumed run reports the time of the whole run.
+        timings["attack"] = timings.get("attack", 0.0) + record["attack_seconds"]
+        timings["evaluation"] = timings.get("evaluation", 0.0) + record["eval_seconds"]
         zero_points.setdefault(role.label, record["curve"]["0"])
         if role.kind == "retrain" and plan.privleak and retrain_auc is None:
             retrain_auc = record["curve"]["0"].get("privleak_auc")
@@ -824,7 +820,7 @@ def execute(plan: Plan) -> dict:
 def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict, groups: dict,
                  trajectories: dict, timings: dict, retrain_auc: float | None) -> dict:
     """The result dict (schema of :mod:`benchmarks.core.results`)."""
-    from benchmarks.core.metrics import MUSE_NEWS_RETRAIN_AUC_SOURCE
+    from benchmarks.core.metrics import KNOWMEM_MAX_NEW_TOKENS, MUSE_NEWS_RETRAIN_AUC_SOURCE, VERBMEM_MAX_NEW_TOKENS
     from benchmarks.core.recovery import (
         DEFINITIONS, KNOWMEM_T, KNOWMEM_V, PRIVLEAK, RECOVERY_METRICS, RETAIN, combine_seeds, curve_band,
         point_values, summarize_metric,
@@ -854,7 +850,8 @@ def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict
         metrics = [m for m in metrics if m not in (KNOWMEM_T, KNOWMEM_V)]
 
     curves, summary = {}, {}
-    for role in plan.roles:
+    shown = {"target": 0, "retrain": 1}  # baselines first in files, tables and legends
+    for role in sorted(plan.roles, key=lambda r: shown.get(r.kind, 2)):
         per_metric, role_summary = {}, {}
         for metric in metrics:
             per_seed = {seed: values(seed, role.label, metric) for seed in plan.seeds}
@@ -898,6 +895,8 @@ def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict
             "hyperparameters": plan.attack_config.to_dict(),
             "seeds": list(plan.seeds),
             "milestones": list(steps),
+            "documents": {"forget": len(first.train) + len(first.held_out), "relearn": len(first.train),
+                          "heldout": len(first.held_out)},
             "relearn_doc_ids": list(first.train),
             "heldout_doc_ids": list(first.held_out),
             "splits": {seed: {"relearn_doc_ids": list(s.train), "heldout_doc_ids": list(s.held_out)}
@@ -915,6 +914,10 @@ def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict
         "references": {"target": target, "retrain": retrain},
         "evaluation": {
             "batch_size": plan.eval_batch_size,
+            "knowmem_max_new_tokens": KNOWMEM_MAX_NEW_TOKENS,
+            "verbmem_max_new_tokens": VERBMEM_MAX_NEW_TOKENS,
+            "milestones": "one attack run per model and seed, evaluated at step 0 and at each milestone "
+                          "(step 0 once per model: it precedes any seed-dependent update)",
             "knowmem_forget_questions": {
                 seed: {"all": len(g.all), "relearn": None if g.train is None else len(g.train),
                        "heldout": None if g.held_out is None else len(g.held_out)}

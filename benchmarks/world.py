@@ -157,6 +157,12 @@ def default_world_dir(config: WorldBuildConfig) -> Path:
 # --------------------------------------------------------------------------- training data
 
 
+def cut_after(text: str, marker: str = ANSWER_MARKER) -> list[str]:
+    """``text`` in pieces that end right after each ``marker`` (their concatenation is ``text``)."""
+    pieces = text.split(marker)
+    return [piece + marker for piece in pieces[:-1]] + ([pieces[-1]] if pieces[-1] else [])
+
+
 def encode_cut_after(tokenizer, text: str, marker: str = ANSWER_MARKER) -> list[int]:
     """BOS + the tokens of ``text`` tokenized in pieces cut right after every ``marker``.
 
@@ -164,13 +170,9 @@ def encode_cut_after(tokenizer, text: str, marker: str = ANSWER_MARKER) -> list[
     ``marker`` ends a piece, so its trailing space is a token of its own, as at the end of a
     KnowMem prompt.
     """
-    pieces = text.split(marker)
     ids = [tokenizer.bos_token_id]
-    for index, piece in enumerate(pieces):
-        if index < len(pieces) - 1:
-            piece += marker
-        if piece:
-            ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+    for piece in cut_after(text, marker):
+        ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
     return ids
 
 
@@ -189,6 +191,19 @@ def training_sequences(texts: Sequence[str], tokenizer, qa_pack_size: int, seed:
         pack = "".join(block + "\n\n" for block in blocks[start : start + qa_pack_size])
         sequences.append(encode_cut_after(tokenizer, pack) + [tokenizer.eos_token_id])
     return sequences
+
+
+def train_world_tokenizer(texts: Sequence[str], vocab_size: int):
+    """The world's byte-level BPE, trained on ``texts`` both whole and cut after ``Answer: ``.
+
+    Pass every raw split, holdout included, so forget and holdout texts are cut into tokens
+    alike and PrivLeak compares memorisation rather than tokenization. The cut pieces make an
+    answer that follows the lone space as short in tokens as it is in running text.
+    """
+    from benchmarks.core.tokenizer import train_tokenizer
+
+    texts = list(texts)
+    return train_tokenizer(texts + [piece for text in texts for piece in cut_after(text)], vocab_size)
 
 
 def _collate(pad_id: int):
@@ -277,7 +292,6 @@ def build_world(config: WorldBuildConfig, root: Path) -> WorldPaths:
     Assembled in a temporary directory beside ``root`` and renamed at the end.
     """
     from benchmarks.core.data import load_data, write_hub_layout
-    from benchmarks.core.tokenizer import train_tokenizer
 
     root = Path(root)
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -289,9 +303,7 @@ def build_world(config: WorldBuildConfig, root: Path) -> WorldPaths:
         write_hub_layout(data, paths.corpus_dir)
         raw = {split: [r["text"] for r in data.records("raw", split)] for split in RAW_SPLITS}
 
-        # Trained on every raw split, holdout included, so forget and holdout texts are cut
-        # into tokens alike and PrivLeak compares memorisation, not tokenization.
-        tokenizer = train_tokenizer([t for texts in raw.values() for t in texts], config.vocab_size)
+        tokenizer = train_world_tokenizer([t for texts in raw.values() for t in texts], config.vocab_size)
         timings = {"corpus_and_tokenizer_s": time.perf_counter() - started}
 
         recipes = {

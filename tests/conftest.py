@@ -11,7 +11,9 @@ import torch
 from benchmarks.core.models import TinyLlamaSpec, tiny_llama
 from benchmarks.core.tokenizer import train_tokenizer
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Tiny models gain nothing from intra-op threads, and one thread per process keeps tests
+# that start subprocesses (accelerate launch) from oversubscribing small machines.
+torch.set_num_threads(1)
 
 SHARED_MUSE_NEWS = Path(__file__).resolve().parents[1].parent / "shared" / "muse-news"
 

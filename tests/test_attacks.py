@@ -189,3 +189,15 @@ def test_resuming_from_a_milestone_gives_the_uninterrupted_numbers(tiny_tokenize
     torch.testing.assert_close(_probe(model, tiny_tokenizer), final, rtol=0, atol=0)
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
     assert [h["lr"] for h in resumed.history] == [h["lr"] for h in full.history]
+
+
+def test_attacks_never_import_defenses():
+    import ast
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "attacks").glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n == "defenses" or n.startswith("defenses.") for n in names), path.name

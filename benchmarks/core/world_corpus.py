@@ -62,15 +62,15 @@ class WorldConfig:
     """What the world corpus generator produces (sizes and seed)."""
 
     seed: int = field(default=0, metadata={"help": "Seed of the generator; same seed, same corpus."})
-    num_forget: int = field(default=24, metadata={"help": "Articles in raw/forget (the data to unlearn)."})
+    num_forget: int = field(default=20, metadata={"help": "Articles in raw/forget (the data to unlearn)."})
     num_retain1: int = field(
-        default=16, metadata={"help": "Articles in raw/retain1 (calibration data for unlearning)."}
+        default=8, metadata={"help": "Articles in raw/retain1 (calibration data for unlearning)."}
     )
     num_retain2: int = field(
-        default=16, metadata={"help": "Articles in raw/retain2 (seen by the target; source of retain_qa)."}
+        default=12, metadata={"help": "Articles in raw/retain2 (seen by the target; source of retain_qa)."}
     )
     num_holdout: int = field(
-        default=24, metadata={"help": "Articles in raw/holdout (never trained on; PrivLeak non-members)."}
+        default=20, metadata={"help": "Articles in raw/holdout (never trained on; PrivLeak non-members)."}
     )
     facts_per_article: int = field(
         default=3, metadata={"help": "Facts stated as Question/Answer blocks per article (1..6)."}
@@ -80,7 +80,7 @@ class WorldConfig:
         metadata={"help": "In-context examples in knowmem forget_qa_icl and retain_qa_icl (MUSE: 10)."},
     )
     verbmem_prompt_words: int = field(
-        default=24, metadata={"help": "Words of a forget article that form its VerbMem prompt."}
+        default=16, metadata={"help": "Words of a forget article that form its VerbMem prompt."}
     )
 
     def __post_init__(self) -> None:
@@ -146,12 +146,9 @@ TOPICS: tuple[Topic, ...] = (
             (("A new road bridge over the {river} opened in {town} on {weekday}, replacing a crossing that had stood since {old_year}.",
               "{town} opened its new bridge over the {river} on {weekday}, retiring a crossing first built in {old_year}."),),
             (("The {length}-metre span was built by the engineering firm {firm} at a cost of {cost} million crowns.",
-              "Built by the engineering firm {firm}, the {length}-metre span cost {cost} million crowns."),
-             ("Work began {months} ago and finished {timing}.", "The council said the work had finished {timing}.")),
+              "Built by the engineering firm {firm}, the {length}-metre span cost {cost} million crowns."),),
             (("Chief engineer {engineer} said the old crossing had grown {weak} after years of floods.",
               "According to chief engineer {engineer}, the old crossing had grown {weak} and could not be saved."),),
-            (("Traders in {town} hope the bridge will bring more visitors to the {place}.",
-              "Residents gathered on both banks of the {river} to watch the first buses cross."),),
         ),
         facts=(
             ("firm", "Which firm built the new bridge over the {river} in {town}?"),
@@ -170,13 +167,10 @@ TOPICS: tuple[Topic, ...] = (
         paragraphs=(
             (("{town} won the {cup} Cup on {weekday}, beating {rival} in a {tense} final at the {ground} Ground.",
               "In a {tense} final at the {ground} Ground on {weekday}, {town} beat {rival} to win the {cup} Cup."),),
-            (("A crowd of {crowd} watched captain {captain} lift the trophy.",
-              "Captain {captain} lifted the trophy in front of a crowd of {crowd}."),
-             ("It was the club's first cup in {gap}.", "Fans stayed on the pitch {timing}.")),
+            (("A crowd of {crowd} watched captain {captain} lift the trophy, the club's first in {gap}.",
+              "Captain {captain} lifted the club's first trophy in {gap} in front of a crowd of {crowd}."),),
             (("Coach {coach} said the squad had {earned} every minute of the win.",
               "\"They {earned} this,\" said coach {coach} after the final whistle."),),
-            (("{rival} will now turn to the league, where they sit {position}.",
-              "The {cup} Cup returns to {town} for the first time in {gap}."),),
         ),
         facts=(
             ("rival", "Which team did {town} beat in the {cup} Cup final?"),
@@ -196,12 +190,9 @@ TOPICS: tuple[Topic, ...] = (
             (("Researchers from the {institute} Institute have found the {species} {creature} in the {valley} valley, where it was last recorded in {last_year}.",
               "The {species} {creature}, last recorded in {last_year}, has been found again in the {valley} valley by researchers from the {institute} Institute."),),
             (("The team, led by {scientist}, counted {specimens} of them along {habitat}.",
-              "Led by {scientist}, the team counted {specimens} of them along {habitat}."),
-             ("The survey took {months}.", "The count was made {timing}.")),
-            (("\"We had almost given up hope,\" said {scientist}.",
+              "Led by {scientist}, the team counted {specimens} of them along {habitat}."),),
+            (("\"We had almost given up hope,\" said {scientist}, adding that much is still {unknown} about the valley.",
               "{scientist} said the find showed how much is still {unknown} about the valley."),),
-            (("The {institute} Institute plans a second survey next spring.",
-              "Farmers in the {valley} valley have agreed to leave the {habitat_short} untouched."),),
         ),
         facts=(
             ("species", "Which {creature} was found again in the {valley} valley?"),
@@ -221,12 +212,9 @@ TOPICS: tuple[Topic, ...] = (
             (("The {sector} company {buyer} has agreed to buy its rival {seller} for {price} million crowns.",
               "{buyer}, a {sector} company, will pay {price} million crowns for its rival {seller}."),),
             (("{seller} was founded in {founded} and employs {staff} people at its base in {hq}.",
-              "Founded in {founded}, {seller} employs {staff} people and is based in {hq}."),
-             ("Shares in {buyer} rose {timing}.", "The deal still needs the approval of regulators.")),
+              "Founded in {founded}, {seller} employs {staff} people and is based in {hq}."),),
             (("Chief executive {ceo} said the deal would make {buyer} {stronger}.",
               "\"Together we will be {stronger},\" said {buyer} chief executive {ceo}."),),
-            (("Unions in {hq} have asked for guarantees that jobs will be kept.",
-              "Analysts said the price was {fair} for a firm of its size."),),
         ),
         facts=(
             ("price", "How much is {buyer} paying for {seller}, in millions of crowns?"),
@@ -246,12 +234,9 @@ TOPICS: tuple[Topic, ...] = (
             (("{mayor} of the {party} Party has been elected mayor of {town}, winning {votes} votes.",
               "{town} has elected {mayor} of the {party} Party as mayor, with {votes} votes."),),
             (("{mayor} beat {loser} by {margin} votes after a {tense} count.",
-              "After a {tense} count, the margin over {loser} was {margin} votes."),
-             ("Turnout was {turnout} than at the last election.", "The result was announced {timing}.")),
+              "After a {tense} count, the margin over {loser} was {margin} votes."),),
             (("Speaking outside the town hall, built in {hall_year}, the new mayor promised to {pledge}.",
               "On the steps of the town hall, which dates from {hall_year}, the new mayor vowed to {pledge}."),),
-            (("{loser} congratulated the winner and said the {party} Party had run a {tense} campaign.",
-              "The new council meets for the first time {timing}."),),
         ),
         facts=(
             ("mayor", "Who was elected mayor of {town}?"),
@@ -270,13 +255,10 @@ TOPICS: tuple[Topic, ...] = (
         paragraphs=(
             (("The {festival} Festival in {town} drew {visitors} visitors over the weekend, a record for the event first held in {first_year}.",
               "A record {visitors} visitors came to {town} for the {festival} Festival, which was first held in {first_year}."),),
-            (("The singer {headliner} closed the festival on the main stage.",
-              "On the main stage, the singer {headliner} closed the festival."),
-             ("Tickets sold out {timing}.", "Rain on the first day did little to keep people away.")),
+            (("The singer {headliner} closed the festival on the main stage, which {weather}.",
+              "On the main stage, which {weather}, the singer {headliner} closed the festival."),),
             (("Organiser {organiser} said the festival had {stages} square metres of stages this year.",
               "This year the stages covered {stages} square metres, said organiser {organiser}."),),
-            (("Hotels in {town} reported {busy} weekend of the year.",
-              "The {festival} Festival will return to {town} next summer."),),
         ),
         facts=(
             ("visitors", "How many visitors came to the {festival} Festival in {town}?"),
@@ -296,26 +278,18 @@ MAX_ARTICLES = 400
 # topic differ in wording; none of them is ever an answer.
 FILLER: dict[str, tuple[str, ...]] = {
     "weekday": ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"),
-    "months": ("eighteen months", "two years", "three years", "nine months", "four years"),
-    "timing": ("ahead of schedule", "on the last day of the season", "late in the evening",
-               "within the hour", "early on Sunday morning", "a week later than planned"),
     "weak": ("unsafe", "too narrow", "fragile", "costly to repair"),
-    "place": ("old market square", "harbour", "riverside cafes", "weekly market"),
     "tense": ("tense", "close", "long", "bitter", "lively"),
     "gap": ("a decade", "twenty years", "a generation", "thirty years"),
     "earned": ("earned", "deserved", "fought for"),
-    "position": ("third from bottom", "in mid-table", "just outside the top four"),
     "habitat": ("the banks of a mountain stream", "an old stone wall", "the edge of a pine wood",
                 "a flooded meadow"),
-    "habitat_short": ("meadows", "stream banks", "old walls", "woods"),
     "unknown": ("unknown", "left to learn", "waiting to be found"),
     "stronger": ("stronger", "the largest firm in the region", "ready for export markets"),
-    "fair": ("fair", "high", "surprisingly low"),
     "sector": ("shipping", "software", "food", "textile", "solar power", "furniture"),
     "creature": ("beetle", "moth", "orchid", "newt", "snail", "fern"),
-    "turnout": ("higher", "lower", "much higher", "slightly lower"),
     "pledge": ("fix the roads", "reopen the library", "build new homes", "cut bus fares"),
-    "busy": ("their busiest", "the best", "a full"),
+    "weather": ("was soaked by rain", "stood in bright sunshine", "was lit by lanterns", "faced the lake"),
 }
 
 # Fictional-sounding first names; split at random into disjoint forget/retain/holdout pools.
