@@ -231,6 +231,18 @@ def test_bad_paths_fail_before_anything_is_loaded(tiny_run, tmp_path, no_loading
         unlearn.main(_argv(tiny_run, busy, "--defense", "npo"))
 
 
+def test_the_world_is_the_default_and_checked_before_it_is_built(tmp_path, no_loading):
+    parser = unlearn.build_parser()
+    request = unlearn.plan_request(parser.parse_args(["--defense", "npo_sam", "--out", str(tmp_path / "o")]))
+    assert request.model_ref is None and request.data == "world" and request.preset == "world"
+    assert request.config.lr == unlearn.WORLD_PRESET["lr"]
+    assert request.defense.config.sam_rho == 0.01
+    with pytest.raises(UsageError, match="beta must be"):
+        unlearn.main(["--defense", "npo", "--beta", "0", "--out", str(tmp_path / "o")])
+    with pytest.raises(UsageError, match="needs --model"):
+        unlearn.main(["--defense", "npo", "--data", "muse-bench/MUSE-News", "--out", str(tmp_path / "o")])
+
+
 def test_a_usage_error_is_one_line_and_exit_2(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.unlearn", "--defense", "npo_sam", "--sam-rho", "-1",

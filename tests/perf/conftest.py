@@ -21,6 +21,9 @@ scores, cached and recomputed reference log-likelihoods agree) is asserted.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -32,9 +35,34 @@ torch.set_num_threads(THREADS)
 RESULTS: dict[str, dict] = {}
 
 
+#: 1-minute load average of the machine when the session started (other work on the machine
+#: slows every measurement; the summary shows it so a reader can judge the figures).
+LOAD_AT_START: list[float] = []
+
+
 def pytest_configure(config) -> None:
     # The repository conftest sets threads too; fix the count here whatever it chose.
     torch.set_num_threads(THREADS)
+    LOAD_AT_START.append(os.getloadavg()[0])
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """Run the cases that are compared with each other one after another (all ``forget``
+    cases, then all ``gdr`` cases, ...), so that a change in the machine's load between
+    them disturbs a comparison as little as possible. Otherwise the order is kept."""
+    here = Path(__file__).parent
+
+    def case(item) -> str:
+        callspec = getattr(item, "callspec", None)
+        if here not in Path(item.path).parents or callspec is None:
+            return ""
+        return str(callspec.params.get("objective", ""))
+
+    position = {id(item): i for i, item in enumerate(items)}
+    first_of = {}
+    for item in items:
+        first_of.setdefault((item.path, case(item)), position[id(item)])
+    items.sort(key=lambda item: (first_of[(item.path, case(item))], position[id(item)]))
 
 
 @pytest.fixture(scope="session")
@@ -151,5 +179,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         return
     source = next(iter(RESULTS.values())).get("model_source", "")
     terminalreporter.write_line(f" model: {source}; torch threads: {torch.get_num_threads()}")
+    start = f"{LOAD_AT_START[0]:.1f}" if LOAD_AT_START else "?"
+    terminalreporter.write_line(
+        f" machine: {os.cpu_count()} CPUs, 1-min load average {start} at the start and "
+        f"{os.getloadavg()[0]:.1f} at the end (a load above the CPU count means other work shared the cores)"
+    )
     for line in summary_lines():
         terminalreporter.write_line(line)

@@ -73,9 +73,10 @@ def load_perf_world() -> PerfWorld:
     second). The world itself is never built here."""
     from benchmarks.core.data import load_data
     from benchmarks.core.models import load_model, tiny_llama
-    from benchmarks.core.tokenizer import train_tokenizer
     from benchmarks.core.world_corpus import RAW_SPLITS
-    from benchmarks.world import WorldBuildConfig, WorldPaths, default_world_dir, read_manifest, world_hash
+    from benchmarks.world import (
+        WorldBuildConfig, WorldPaths, default_world_dir, read_manifest, train_world_tokenizer, world_hash,
+    )
 
     config = WorldBuildConfig()
     data = load_data("world", world_config=config.corpus)
@@ -86,11 +87,29 @@ def load_perf_world() -> PerfWorld:
         source = f"cached world target ({root})"
     else:
         texts = [r["text"] for split in RAW_SPLITS for r in data.records("raw", split)]
-        tokenizer = train_tokenizer(texts, config.vocab_size)
+        tokenizer = train_world_tokenizer(texts, config.vocab_size)
         model = tiny_llama(config.model, tokenizer, seed=config.seed)
         source = "untrained tiny Llama of the world's shape (world not cached)"
     model.eval()
     return PerfWorld(model=model, tokenizer=tokenizer, data=data, model_source=source)
+
+
+def knowmem_questions(world: PerfWorld, count: int = NUM_QUESTIONS) -> tuple[list[dict], list[dict]]:
+    """``count`` KnowMem questions in the world's format and the forget ICL examples: the
+    world's forget_qa then retain_qa, topped up when the world has fewer with the questions of
+    world corpora drawn with the next seeds (distinct articles, same generator)."""
+    from dataclasses import replace
+
+    from benchmarks.core.data import load_data
+    from benchmarks.world import WorldBuildConfig
+
+    questions = world.data.records("knowmem", "forget_qa") + world.data.records("knowmem", "retain_qa")
+    corpus = WorldBuildConfig().corpus
+    while len(questions) < count:
+        corpus = replace(corpus, seed=corpus.seed + 1)
+        more = load_data("world", subsets=("knowmem",), world_config=corpus)
+        questions += more.records("knowmem", "forget_qa") + more.records("knowmem", "retain_qa")
+    return questions[:count], world.data.records("knowmem", "forget_qa_icl")
 
 
 def linear_shapes(model: torch.nn.Module) -> list[tuple[int, int]]:
@@ -337,6 +356,6 @@ def matmul_workload(model: torch.nn.Module, tokens: int, seed: int = 0) -> Calla
 __all__ = [
     "BATCH_SIZE", "EVAL_BATCH_SIZE", "KNOWMEM_NEW_TOKENS", "LR", "NPO_BETA", "NUM_QUESTIONS", "SEQ_LEN", "THREADS",
     "MemoryFigures", "PerfWorld", "ReferenceModelNPO", "TensorMemoryTracker", "TrainingUnit",
-    "forward_matmul_flops", "knowmem_one_by_one", "linear_shapes", "load_perf_world", "matmul_workload",
+    "forward_matmul_flops", "knowmem_one_by_one", "knowmem_questions", "linear_shapes", "load_perf_world", "matmul_workload",
     "measure_step_memory", "min_k_one_by_one", "packed_batch", "unlearning_batch",
 ]

@@ -3,7 +3,8 @@ a time, as MUSE's evaluation code runs them. Both sides must give the same score
 only the time differs.
 
 * ``knowmem_batched``: :func:`benchmarks.core.metrics.knowmem` (left-padded batches of
-  ``EVAL_BATCH_SIZE`` with a KV cache) on ``NUM_QUESTIONS`` questions;
+  ``EVAL_BATCH_SIZE`` with a KV cache) on ``NUM_QUESTIONS`` questions
+  (:func:`perf_support.knowmem_questions`);
 * ``knowmem_sequential``: :func:`perf_support.knowmem_one_by_one` on the same questions;
 * ``min_k_batched`` / ``min_k_sequential``: Min-40% scores of the PrivLeak texts (forget and
   holdout) by :func:`benchmarks.core.metrics.min_k_scores` and one text per forward pass.
@@ -15,17 +16,19 @@ import pytest
 import torch
 
 from benchmarks.core.metrics import knowmem, min_k_scores
-from perf_support import EVAL_BATCH_SIZE, NUM_QUESTIONS, knowmem_one_by_one, min_k_one_by_one
+from perf_support import (
+    EVAL_BATCH_SIZE,
+    KNOWMEM_NEW_TOKENS,
+    NUM_QUESTIONS,
+    knowmem_one_by_one,
+    knowmem_questions,
+    min_k_one_by_one,
+)
+
+KNOWMEM_GROUP = f"knowmem: {NUM_QUESTIONS} questions, {KNOWMEM_NEW_TOKENS} new tokens"
 
 # What the batched case produced, for the one-by-one case to compare with.
 _BATCHED: dict[str, list] = {}
-
-
-def _questions(world) -> tuple[list[dict], list[dict]]:
-    qa = world.data.records("knowmem", "forget_qa") + world.data.records("knowmem", "retain_qa")
-    if len(qa) < NUM_QUESTIONS:
-        pytest.skip(f"the world has {len(qa)} KnowMem questions, fewer than {NUM_QUESTIONS}")
-    return qa[:NUM_QUESTIONS], world.data.records("knowmem", "forget_qa_icl")
 
 
 def _privleak_texts(world) -> list[str]:
@@ -36,30 +39,34 @@ def _tokens(world, texts: list[str]) -> int:
     return sum(len(world.tokenizer(text, add_special_tokens=True)["input_ids"]) for text in texts)
 
 
-def _batched_knowmem(world):
-    qa, icl = _questions(world)
+def _batched_knowmem(world, qa, icl) -> list[tuple[str, float]]:
     result = knowmem(world.model, world.tokenizer, qa, icl, batch_size=EVAL_BATCH_SIZE)
     return [(item.generation, item.score) for item in result.items]
 
 
-@pytest.mark.benchmark(group="knowmem: 100 questions, 32 new tokens")
-def test_knowmem_batched(benchmark, record, perf_world):
-    qa, icl = _questions(perf_world)
-    knowmem(perf_world.model, perf_world.tokenizer, qa[:2], icl, batch_size=EVAL_BATCH_SIZE)  # warm up, untimed
-    outputs = benchmark.pedantic(_batched_knowmem, args=(perf_world,), rounds=2, warmup_rounds=0)
+@pytest.fixture(scope="module")
+def questions(perf_world):
+    return knowmem_questions(perf_world, NUM_QUESTIONS)
+
+
+@pytest.mark.benchmark(group=KNOWMEM_GROUP)
+def test_knowmem_batched(benchmark, record, perf_world, questions):
+    qa, icl = questions
+    _batched_knowmem(perf_world, qa[:2], icl)  # warm up, untimed
+    outputs = benchmark.pedantic(_batched_knowmem, args=(perf_world, qa, icl), rounds=2, warmup_rounds=0)
     _BATCHED["knowmem"] = outputs
-    record("knowmem_batched", questions=NUM_QUESTIONS, batch_size=EVAL_BATCH_SIZE)
+    record("knowmem_batched", questions=len(qa), batch_size=EVAL_BATCH_SIZE)
 
 
-@pytest.mark.benchmark(group="knowmem: 100 questions, 32 new tokens")
-def test_knowmem_sequential(benchmark, record, perf_world):
-    qa, icl = _questions(perf_world)
-    knowmem_one_by_one(perf_world.model, perf_world.tokenizer, qa[:2], icl)  # warm up outside the timing
+@pytest.mark.benchmark(group=KNOWMEM_GROUP)
+def test_knowmem_sequential(benchmark, record, perf_world, questions):
+    qa, icl = questions
+    knowmem_one_by_one(perf_world.model, perf_world.tokenizer, qa[:2], icl)  # warm up, untimed
     outputs = benchmark.pedantic(
         knowmem_one_by_one, args=(perf_world.model, perf_world.tokenizer, qa, icl), rounds=1, warmup_rounds=0
     )
-    record("knowmem_sequential", questions=NUM_QUESTIONS, batch_size=1)
-    batched = _BATCHED.get("knowmem") or _batched_knowmem(perf_world)
+    record("knowmem_sequential", questions=len(qa), batch_size=1)
+    batched = _BATCHED.get("knowmem") or _batched_knowmem(perf_world, qa, icl)
     # Batching must not change a single generation, hence not a single score.
     assert [g for g, _ in batched] == [g for g, _ in outputs]
     assert [s for _, s in batched] == [s for _, s in outputs]

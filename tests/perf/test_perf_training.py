@@ -38,7 +38,7 @@ from perf_support import (
     unlearning_batch,
 )
 
-ROUNDS = 5
+ROUNDS = 10
 WARMUP_ROUNDS = 2
 MIB = 2**20
 OBJECTIVES = {"forget": "none", "gdr": "gdr"}  # case id -> retain loss
