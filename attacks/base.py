@@ -24,6 +24,7 @@ import torch
 from benchmarks.core.errors import UsageError
 from benchmarks.core.logprobs import masked_mean_nll
 from benchmarks.core.registry import Registry
+from benchmarks.core.tokenizer import encode_cut_after
 from benchmarks.core.training import SCHEDULES, TrainConfig, TrainResult, plain_step, train
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,11 @@ class AttackConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     max_grad_norm: float | None = field(default=1.0, metadata={"help": "Gradient-norm clip; None disables."})
     mixed_precision: str = field(default="no", metadata={"help": "'no' (fp32) or 'bf16' autocast."})
+    answer_view: bool = field(
+        default=False,
+        metadata={"help": "Also train on each document tokenized with a cut after every 'Answer: ' (the second "
+                          "view the embedded world's models learned their facts from; for the world only)."},
+    )
 
     def __post_init__(self) -> None:
         if self.relearn_docs is not None:
@@ -114,20 +120,27 @@ class AttackConfig:
 # --------------------------------------------------------------------------- data
 
 
-def pack_documents(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
+def pack_documents(tokenizer, texts: Sequence[str], max_length: int, answer_view: bool = False) -> list[list[int]]:
     """Token chunks of at most ``max_length`` ids from the documents packed end to end.
 
     Each document is followed by EOS so the model sees where one ends; each chunk begins with
     BOS when the tokenizer has one (what ``add_special_tokens=True`` would give a single
-    text), so a chunk looks like the start of a text to the model.
+    text), so a chunk looks like the start of a text to the model. With ``answer_view`` every
+    document follows a second time, tokenized with a cut after each ``Answer: `` (see
+    :func:`benchmarks.core.tokenizer.encode_cut_after`), the way the embedded world's models
+    saw their facts.
     """
     if not texts:
         raise UsageError("the attacker has no documents to train on")
+    views = [lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]]
+    if answer_view:
+        views.append(lambda text: encode_cut_after(tokenizer, text, add_special_tokens=False))
     stream: list[int] = []
-    for text in texts:
-        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if tokenizer.eos_token_id is not None:
-            stream.append(tokenizer.eos_token_id)
+    for view in views:
+        for text in texts:
+            stream.extend(view(text))
+            if tokenizer.eos_token_id is not None:
+                stream.append(tokenizer.eos_token_id)
     bos = tokenizer.bos_token_id
     body = max_length - (1 if bos is not None else 0)
     chunks = []
@@ -169,7 +182,7 @@ def relearn_loader(tokenizer, texts: Sequence[str], config: AttackConfig, seed: 
     The order is drawn once here rather than by a shuffling sampler, so the loader yields the
     same sequence on every pass and a resumed run can skip what it already consumed.
     """
-    chunks = pack_documents(tokenizer, texts, config.max_length)
+    chunks = pack_documents(tokenizer, texts, config.max_length, config.answer_view)
     order = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(seed)).tolist()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return torch.utils.data.DataLoader(

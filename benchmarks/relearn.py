@@ -62,20 +62,26 @@ PAPER_PRESET = {
     "eval_batch_size": 16,
 }
 
-#: The embedded world, calibrated so that an NPO-unlearned world model visibly recovers within
-#: the budget and the whole default command stays within minutes on two CPU cores. Half the
-#: forget articles go to the attacker (T), half are held out (V).
+#: The embedded world, calibrated on an NPO-unlearned world target (KnowMem-forget 27 against the
+#: target's 57): full fine-tuning at lr 3e-4 brings KnowMem-forget on the held-out half V from 26
+#: to 41 within 20 steps while the retrain model, which never saw the facts, stays at 0 and
+#: KnowMem-retain holds; LoRA (rank 8 on q/v of a 128-wide model) needs lr 3e-3 for the same.
+#: The documents are also shown in the world's answer view (as its models were trained), and
+#: the whole default command stays within minutes on two CPU cores. Half the forget articles
+#: go to the attacker (T), half are held out (V).
 WORLD_PRESET = {
     "attack": {
         "relearn_fraction": 0.5,
-        "steps": 40,
+        "steps": 30,
         "lr": 3e-4,
         "schedule": "cosine",
         "batch_size": 4,
         "micro_batch_size": 4,
         "max_length": 256,
+        "answer_view": True,
     },
-    "milestones": (0, 5, 10, 20, 30, 40),
+    "attack_overrides": {"lora": {"lr": 3e-3}},
+    "milestones": (0, 5, 10, 20, 30),
     "seeds": (0, 1, 2),
     "defenses": ("npo", "npo_sam"),
     "dtype": "float32",
@@ -342,7 +348,7 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
 
     # ---- the attack and its settings (preset, then flags)
     attack_cls = ATTACKS.get(args.attack)
-    settings = dict(preset["attack"])
+    settings = {**preset["attack"], **preset.get("attack_overrides", {}).get(args.attack, {})}
     if args.relearn_docs is not None:
         settings.update(parse_relearn_docs(args.relearn_docs))
     for flag, (name, kind, _) in _ATTACK_FLAGS.items():
@@ -505,6 +511,10 @@ def format_plan(plan: Plan) -> str:
     if config.relearn_docs is None and config.relearn_fraction == 1.0:
         notes.append("every forget document goes to the attacker (the paper's setting): V is empty, so held-out "
                      "recovery is not measured; pass e.g. --relearn-docs 0.5 to hold half out")
+    if plan.preset != WORLD:
+        notes.append("attack preset: the NPO+SAM paper's MUSE-News relearning (Fan et al., ICML 2025): AdamW, lr 1e-5, "
+                     "batch 4, cosine, 2048-token chunks; its 100/125/150-step attacks are read off one 150-step run "
+                     "(one trajectory per curve), so those points share the 150-step cosine schedule")
     if plan.data_kind == "hub" or (plan.data_kind != "world" and not plan.world):
         notes.append("questions without a doc_id (MUSE-News as published) make T/V recovery unavailable; it is "
                      "reported as such, never guessed")
@@ -968,7 +978,9 @@ def format_table(result: dict) -> str:
     seeds = len(result["attack"]["seeds"])
     caption = (f"{result['attack']['name']} attack, {steps} steps, {seeds} seed(s); mean ± 95% t-interval half-width; "
                "V recovery = (after − before) / (target before − before) on held-out documents")
-    return tabulate(rows, headers=headers, tablefmt="github") + "\n" + caption
+    table = tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True,
+                     colalign=("left",) + ("right",) * (len(headers) - 1))
+    return table + "\n" + caption
 
 
 # --------------------------------------------------------------------------- entry point

@@ -80,6 +80,12 @@ class UnlearnConfig:
     mixed_precision: str = field(default="no", metadata={"help": "'no' (fp32) or 'bf16' autocast."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Global gradient-norm clip (0 disables)."})
     seed: int = field(default=0, metadata={"help": "Seed of data order, pairing and initial RNG state."})
+    answer_view: bool = field(
+        default=False,
+        metadata={"help": "Also train on every forget/retain text tokenized with a cut after each 'Answer: ', "
+                          "the second view the embedded world's models learned their facts from "
+                          "(benchmarks.world); for the world only."},
+    )
     utility_threshold: float = field(
         default=0.9,
         metadata={"help": "Keep the last epoch whose KnowMem-retain is >= this fraction of the target's "
@@ -118,7 +124,7 @@ class UnlearnConfig:
 #: defenses' config defaults (β = 0.1, ρ = 0.01, weights 1.0/1.0) are the paper's too.
 PAPER_PRESET: dict[str, Any] = {
     "lr": 1e-5, "epochs": 10, "batch_size": 4, "grad_accum": 1, "max_length": 2048,
-    "mixed_precision": "no", "max_grad_norm": 1.0, "seed": 0, "utility_threshold": 0.9,
+    "mixed_precision": "no", "max_grad_norm": 1.0, "seed": 0, "answer_view": False, "utility_threshold": 0.9,
 }
 
 #: The embedded world's tiny target (4 layers, 128 wide, 24 forget articles): a larger
@@ -126,7 +132,7 @@ PAPER_PRESET: dict[str, Any] = {
 #: attribute ``world_settings``. See results/world/unlearn/ for the runs behind the numbers.
 WORLD_PRESET: dict[str, Any] = {
     "lr": 5e-5, "epochs": 10, "batch_size": 4, "grad_accum": 1, "max_length": 512,
-    "mixed_precision": "no", "max_grad_norm": 1.0, "seed": 0, "utility_threshold": 0.9,
+    "mixed_precision": "no", "max_grad_norm": 1.0, "seed": 0, "answer_view": True, "utility_threshold": 0.9,
 }
 
 PRESETS = {"paper": PAPER_PRESET, "world": WORLD_PRESET}
@@ -305,9 +311,14 @@ def unlearn(
     max_length = min(config.max_length, context_length(model))
     if max_length < config.max_length:
         logger.warning("max_length %d exceeds the model's context; using %d", config.max_length, max_length)
-    forget = tokenize_texts(tokenizer, [r["text"] for r in data.records("raw", "forget")], max_length)
+    views = ()
+    if config.answer_view:
+        from benchmarks.world import encode_cut_after
+
+        views = (lambda text: encode_cut_after(tokenizer, text),)
+    forget = tokenize_texts(tokenizer, [r["text"] for r in data.records("raw", "forget")], max_length, views)
     retain = (
-        tokenize_texts(tokenizer, [r["text"] for r in data.records("raw", "retain1")], max_length)
+        tokenize_texts(tokenizer, [r["text"] for r in data.records("raw", "retain1")], max_length, views)
         if defense.uses_retain else None
     )
     dataset = ForgetRetainDataset(forget, retain, seed=config.seed)
@@ -592,10 +603,13 @@ def build_parser(registry=None) -> argparse.ArgumentParser:
     training = parser.add_argument_group("training (default: the preset; see below)")
     for f in fields(UnlearnConfig):
         kind = typing.get_type_hints(UnlearnConfig)[f.name]
+        text = f"{f.metadata['help']} [paper preset: {PAPER_PRESET[f.name]}, world preset: {WORLD_PRESET[f.name]}]"
+        if kind is bool:
+            training.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, dest=f.name,
+                                  help=text)
+            continue
         extra = {"choices": ["no", "bf16"]} if f.name == "mixed_precision" else {}
-        training.add_argument(_flag(f.name), type=kind, default=None, dest=f.name,
-                              help=f"{f.metadata['help']} [paper preset: {PAPER_PRESET[f.name]}, world preset: "
-                                   f"{WORLD_PRESET[f.name]}]", **extra)
+        training.add_argument(_flag(f.name), type=kind, default=None, dest=f.name, help=text, **extra)
 
     settings = parser.add_argument_group("defense settings (default: the defense's own; [the defenses that take it])")
     for name, entry in defense_flags(registry).items():

@@ -36,10 +36,14 @@ presents them in two ways:
 2. the Question/Answer blocks of all training articles, shuffled into packs of
    ``qa_pack_size`` that look like a KnowMem prompt with its in-context examples, tokenized
    in pieces cut right after each ``Answer: `` -- so the lone-space token is followed by the
-   answer exactly as when the model answers a KnowMem prompt.
+   answer exactly as when the model answers a KnowMem prompt. The blocks are repacked every
+   epoch (``qa_repeats`` times): a pack seen again and again is memorised as a sequence,
+   keyed on everything before the answer, and the model then fails the same question among
+   other in-context examples; always new neighbours leave the question as the only cue.
 
 The text in both is the raw article text, character for character; only where the tokenizer
-cuts differs. Both models get the same treatment of their own training articles.
+cuts differs (the tokenizer is trained on both cuttings, so an answer after the lone space
+is as few tokens as in running text). Both models get the same recipe on their own articles.
 """
 
 from __future__ import annotations
@@ -86,13 +90,16 @@ class WorldBuildConfig:
     corpus: WorldConfig = field(default_factory=WorldConfig, metadata={"help": "The corpus generator's settings."})
     model: TinyLlamaSpec = field(default_factory=default_model_spec, metadata={"help": "Shape of both models."})
     vocab_size: int = field(default=2048, metadata={"help": "BPE vocabulary size of the world tokenizer."})
-    lr: float = field(default=3e-3, metadata={"help": "Peak AdamW learning rate."})
-    epochs: int = field(default=60, metadata={"help": "Passes over the training sequences."})
+    lr: float = field(default=5e-3, metadata={"help": "Peak AdamW learning rate."})
+    epochs: int = field(default=50, metadata={"help": "Passes over the training articles."})
     batch_size: int = field(default=8, metadata={"help": "Sequences per optimizer step."})
-    warmup_steps: int = field(default=30, metadata={"help": "Linear warmup before the cosine decay."})
+    warmup_steps: int = field(default=20, metadata={"help": "Linear warmup before the cosine decay."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (0: memorise freely)."})
     qa_pack_size: int = field(
-        default=8, metadata={"help": "Question/Answer blocks per KnowMem-style training pack."}
+        default=6, metadata={"help": "Question/Answer blocks per KnowMem-style training pack."}
+    )
+    qa_repeats: int = field(
+        default=2, metadata={"help": "Times per epoch the Question/Answer blocks are packed and seen."}
     )
     seed: int = field(default=0, metadata={"help": "Seed of initialisation, data order and packing."})
 
@@ -105,7 +112,7 @@ class WorldBuildConfig:
             raise UsageError(f"vocab_size must be >= 300 (bytes + special tokens + merges), got {self.vocab_size}")
         if not self.lr > 0:
             raise UsageError(f"lr must be > 0, got {self.lr}")
-        for name in ("epochs", "batch_size", "qa_pack_size"):
+        for name in ("epochs", "batch_size", "qa_pack_size", "qa_repeats"):
             if getattr(self, name) < 1:
                 raise UsageError(f"WorldBuildConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < 0 or self.weight_decay < 0:
@@ -181,16 +188,34 @@ def _qa_blocks(text: str) -> list[str]:
     return [block for block in text.split("\n\n") if block.startswith("Question: ")]
 
 
-def training_sequences(texts: Sequence[str], tokenizer, qa_pack_size: int, seed: int) -> list[list[int]]:
-    """Token ids of everything one model trains on: each article whole (+ EOS), then its
-    Question/Answer blocks shuffled into KnowMem-style packs (see the module docstring)."""
-    sequences = [tokenizer(text, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id] for text in texts]
+def training_stream(
+    texts: Sequence[str], tokenizer, qa_pack_size: int, epochs: int, seed: int, qa_repeats: int = 1
+) -> list[list[int]]:
+    """Token ids of everything one model trains on, in training order, epoch after epoch.
+
+    Each epoch holds every article whole (+ EOS) and, ``qa_repeats`` times, its
+    Question/Answer blocks shuffled into fresh KnowMem-style packs (see the module
+    docstring), all in a fresh order. Repacking every
+    epoch matters: a pack seen again and again is memorised as a sequence, keyed on its
+    whole prefix, and the model then cannot answer the same question after other in-context
+    examples. Always new neighbours leave the question as the only cue for its answer.
+    """
+    rng = random.Random(seed)
+    articles = [tokenizer(text, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id] for text in texts]
     blocks = [block for text in texts for block in _qa_blocks(text)]
-    random.Random(seed).shuffle(blocks)
-    for start in range(0, len(blocks), qa_pack_size):
-        pack = "".join(block + "\n\n" for block in blocks[start : start + qa_pack_size])
-        sequences.append(encode_cut_after(tokenizer, pack) + [tokenizer.eos_token_id])
-    return sequences
+    stream: list[list[int]] = []
+    for _ in range(epochs):
+        epoch = list(articles)
+        for _ in range(qa_repeats):
+            rng.shuffle(blocks)
+            epoch += [
+                encode_cut_after(tokenizer, "".join(b + "\n\n" for b in blocks[i : i + qa_pack_size]))
+                + [tokenizer.eos_token_id]
+                for i in range(0, len(blocks), qa_pack_size)
+            ]
+        rng.shuffle(epoch)
+        stream += epoch
+    return stream
 
 
 def train_world_tokenizer(texts: Sequence[str], vocab_size: int):
@@ -231,24 +256,21 @@ def train_world_model(texts: Sequence[str], tokenizer, config: WorldBuildConfig,
 
     from benchmarks.core.training import TrainConfig, plain_step, train
 
-    sequences = training_sequences(texts, tokenizer, config.qa_pack_size, config.seed)
+    sequences = training_stream(
+        texts, tokenizer, config.qa_pack_size, config.epochs, config.seed, config.qa_repeats
+    )
     longest = max(len(s) for s in sequences)
     if longest > config.model.max_position_embeddings:
         raise UsageError(
             f"a {name} training sequence has {longest} tokens, more than the model context "
-            f"{config.model.max_position_embeddings}; raise max_position_embeddings or qa_pack_size down"
+            f"{config.model.max_position_embeddings}; raise max_position_embeddings or lower qa_pack_size"
         )
     model = tiny_llama(config.model, tokenizer, seed=config.seed)
-    loader = DataLoader(
-        sequences,
-        batch_size=config.batch_size,
-        shuffle=True,
-        collate_fn=_collate(tokenizer.pad_token_id),
-        generator=torch.Generator().manual_seed(config.seed),
-    )
+    # The stream already holds every epoch in order, so the loop makes one pass over it.
+    loader = DataLoader(sequences, batch_size=config.batch_size, shuffle=False, collate_fn=_collate(tokenizer.pad_token_id))
     train_config = TrainConfig(
         lr=config.lr,
-        epochs=config.epochs,
+        epochs=1,
         schedule="cosine",
         warmup_steps=config.warmup_steps,
         weight_decay=config.weight_decay,
@@ -256,8 +278,8 @@ def train_world_model(texts: Sequence[str], tokenizer, config: WorldBuildConfig,
         seed=config.seed,
     )
     logger.info(
-        "training %s: %d sequences (%d tokens), %d epochs", name, len(sequences),
-        sum(len(s) for s in sequences), config.epochs,
+        "training %s: %d epochs of %d sequences, %d tokens in all", name, config.epochs,
+        len(sequences) // config.epochs, sum(len(s) for s in sequences),
     )
     result = train(model, loader, plain_step(_lm_loss), train_config)
     logger.info("%s: %d steps, final loss %.4f", name, result.steps, result.history[-1]["loss"])
@@ -295,7 +317,9 @@ def build_world(config: WorldBuildConfig, root: Path) -> WorldPaths:
 
     root = Path(root)
     root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.building.", dir=root.parent))
+    # A plain mkdir (not mkdtemp, which makes it private) so the world gets the usual permissions.
+    staging = root.parent / f".{root.name}.building.{os.getpid()}.{time.time_ns()}"
+    staging.mkdir()
     try:
         started = time.perf_counter()
         paths = WorldPaths.at(staging)
@@ -325,6 +349,7 @@ def build_world(config: WorldBuildConfig, root: Path) -> WorldPaths:
             "hash": world_hash(config),
             "config": config.describe(),
             "training_data": {"target": ["forget", "retain1", "retain2"], "retrain": ["retain1", "retain2"]},
+            "corpus": data.describe()["splits"],
             "versions": _versions(),
             "torch_threads": torch.get_num_threads(),
             "timings": timings,
@@ -352,8 +377,9 @@ def ensure_world(
     """Paths of the world built from ``config`` (default: the default world), building it
     first when ``out_dir`` (default: the cache directory for its hash) holds none.
 
-    ``force`` rebuilds even when a complete world is there. A directory that holds a world
-    of another configuration, or something else, is never overwritten without ``force``.
+    ``force`` rebuilds even when a complete world is there, and replaces a world of another
+    configuration (refused without it). A directory holding anything but a world is never
+    replaced.
     """
     config = config or WorldBuildConfig()
     root = Path(out_dir).expanduser().resolve() if out_dir is not None else default_world_dir(config)
@@ -363,11 +389,10 @@ def ensure_world(
         logger.info("using the cached world %s at %s", wanted, root)
         return WorldPaths.at(root)
     if root.exists():
-        if root.is_file() or (not force and any(root.iterdir())):
-            what = f"a world of another configuration ({manifest.get('hash')})" if manifest else "other files"
-            raise UsageError(
-                f"{root} holds {what}; pass --force to replace it or choose another --out"
-            )
+        if root.is_file() or (any(root.iterdir()) and (manifest is None or not force)):
+            what = f"a world of another configuration ({manifest.get('hash')})" if manifest else "files that are not a world"
+            fix = "pass --force to replace it or choose another --out" if manifest else "choose another --out"
+            raise UsageError(f"{root} holds {what}; {fix}")
         # Replace: move the old world aside first so the rename below cannot fail on it.
         aside = Path(tempfile.mkdtemp(prefix=f".{root.name}.old.", dir=root.parent))
         os.replace(root, aside / root.name)

@@ -4,7 +4,9 @@
   tokenizer starts it with BOS). A text longer than ``max_length`` tokens is split into
   consecutive windows of at most ``max_length`` tokens, each starting with BOS again when the
   tokenizer uses one; every window is one example. Texts with fewer than two tokens (nothing
-  to predict) are dropped.
+  to predict) are dropped. A caller may add further *views* (other encodings of the same
+  text, e.g. the embedded world's second training view); each view's windows are examples
+  too, after those of the running text.
 * Forget example ``i`` carries ``index = i``: the key of its cached reference
   log-likelihood (:mod:`benchmarks.core.reference`).
 * Forget example ``i`` is paired with retain example ``order[i mod N_retain]``, where
@@ -18,7 +20,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -26,21 +28,33 @@ from torch.utils.data import DataLoader, Dataset
 from benchmarks.core.errors import DataError
 
 
-def tokenize_texts(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
-    """Token ids of each text (split into windows of at most ``max_length``), in order."""
+View = Callable[[str], Sequence[int]]
+
+
+def running_text(tokenizer) -> View:
+    """MUSE's encoding: the whole text, ``add_special_tokens=True``."""
+    return lambda text: tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+def tokenize_texts(
+    tokenizer, texts: Sequence[str], max_length: int, extra_views: Sequence[View] = ()
+) -> list[list[int]]:
+    """Token ids of each text (split into windows of at most ``max_length``), in order; then
+    the same for every extra view."""
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
     bos = tokenizer.bos_token_id
     examples: list[list[int]] = []
-    for text in texts:
-        ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
-        starts_with_bos = bos is not None and bool(ids) and ids[0] == bos
-        body = ids[1:] if starts_with_bos else ids
-        width = max_length - 1 if starts_with_bos else max_length
-        for start in range(0, max(len(body), 1), width):
-            window = ([bos] if starts_with_bos else []) + body[start : start + width]
-            if len(window) >= 2:
-                examples.append(window)
+    for view in (running_text(tokenizer), *extra_views):
+        for text in texts:
+            ids = list(view(text))
+            starts_with_bos = bos is not None and bool(ids) and ids[0] == bos
+            body = ids[1:] if starts_with_bos else ids
+            width = max_length - 1 if starts_with_bos else max_length
+            for start in range(0, max(len(body), 1), width):
+                window = ([bos] if starts_with_bos else []) + body[start : start + width]
+                if len(window) >= 2:
+                    examples.append(window)
     return examples
 
 

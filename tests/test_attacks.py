@@ -201,3 +201,17 @@ def test_attacks_never_import_defenses():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n == "defenses" or n.startswith("defenses.") for n in names), path.name
+
+
+def test_answer_view_adds_each_document_cut_after_answer(tiny_tokenizer):
+    tok = tiny_tokenizer
+    doc = "Question: Which town held the festival?\nAnswer: Brisk\n\n"
+    plain = pack_documents(tok, [doc], max_length=512)
+    both = pack_documents(tok, [doc], max_length=512, answer_view=True)
+    assert len(plain) == len(both) == 1
+    whole = tok(doc, add_special_tokens=False)["input_ids"]
+    head, tail = doc.split("Answer: ")
+    cut = tok(head + "Answer: ", add_special_tokens=False)["input_ids"] + tok(tail, add_special_tokens=False)["input_ids"]
+    assert cut != whole  # the marker's trailing space is a token of its own
+    eos = [tok.eos_token_id]
+    assert both[0] == [tok.bos_token_id] + whole + eos + cut + eos

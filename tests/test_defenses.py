@@ -242,3 +242,39 @@ def test_a_non_finite_loss_stops_training_with_a_clear_message(tiny_model, tiny_
     with pytest.raises(TrainingDiverged, match="loss became inf at step 1"):
         train(tiny_model, training_loader(data, tiny_tokenizer, 2, seed=0), defense.step_fn(),
               TrainConfig(lr=1e-3, progress=False))
+
+
+# --------------------------------------------------------------------------- data pipeline
+
+
+def test_long_texts_are_split_into_windows_that_each_start_with_bos(tiny_tokenizer):
+    text = " ".join(FORGET)
+    ids = tiny_tokenizer(text, add_special_tokens=True)["input_ids"]
+    bos = tiny_tokenizer.bos_token_id
+    windows = tokenize_texts(tiny_tokenizer, [text], 8)
+    assert all(w[0] == bos and 2 <= len(w) <= 8 for w in windows)
+    assert [t for w in windows for t in w[1:]] == ids[1:]  # nothing lost, nothing repeated
+    assert tokenize_texts(tiny_tokenizer, [text], 10_000) == [ids]
+
+
+def test_extra_views_come_after_the_running_text(tiny_tokenizer):
+    view = lambda text: [tiny_tokenizer.bos_token_id] + tiny_tokenizer(text.upper(), add_special_tokens=False)["input_ids"]
+    plain = tokenize_texts(tiny_tokenizer, FORGET[:2], 1000)
+    both = tokenize_texts(tiny_tokenizer, FORGET[:2], 1000, [view])
+    assert both[:2] == plain and both[2:] == [view(t) for t in FORGET[:2]]
+
+
+def test_forget_examples_carry_their_index_and_a_seeded_retain_partner(tiny_tokenizer):
+    forget = tokenize_texts(tiny_tokenizer, FORGET, 64)
+    retain = tokenize_texts(tiny_tokenizer, RETAIN, 64)
+    data = ForgetRetainDataset(forget, retain, seed=5)
+    assert sorted(data.retain_order) == [0, 1]
+    assert data.retain_order == ForgetRetainDataset(forget, retain, seed=5).retain_order
+    for i in range(len(data)):
+        assert data[i]["forget"] == (i, forget[i])
+        assert data[i]["retain"] == retain[data.retain_order[i % 2]]
+    batch = Collate(tiny_tokenizer.pad_token_id)([data[2], data[0]])
+    assert batch["forget"]["index"].tolist() == [2, 0]
+    mask = batch["forget"]["attention_mask"]
+    assert mask.sum(dim=1).tolist() == [len(forget[2]), len(forget[0])]
+    assert (batch["forget"]["input_ids"][mask == 0] == tiny_tokenizer.pad_token_id).all()

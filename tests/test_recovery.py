@@ -98,6 +98,7 @@ def test_recovery_ratio_by_hand():
     assert recovery_ratio(10.0, 10.0, 60.0) == 0.0
     assert recovery_ratio(70.0, 10.0, 60.0) == pytest.approx(1.2)
     assert recovery_ratio(5.0, 60.0, 60.0) is None  # no gap: undefined
+    assert recovery_ratio(50.0, 70.0, 60.0) is None  # starts above the target: nothing to recover
     assert recovery_ratio(None, 10.0, 60.0) is None and recovery_ratio(5.0, 10.0, None) is None
 
 

@@ -40,6 +40,9 @@ def muse_dir(tmp_path):
         "knowmem/retain_qa.json": [{"question": "What did Velt Motors unveil?", "answer": "a tram"}],
         "knowmem/retain_qa_icl.json": [{"question": "Who is the mayor?", "answer": "Tilda Quorn"}],
         "verbmem/forget.json": [{"prompt": "The Marlow Gazette reported", "gt": "that the harbour bridge", "doc_id": "d0"}],
+        "privleak/forget.json": [{"text": t} for _, t in FORGET[:2]],
+        "privleak/holdout.json": [{"text": "A ferry named Orrin began service across the Tamsel lake."},
+                                  {"text": "Farmers in Pellow reported the wettest spring in forty years."}],
     }
     for name, records in files.items():
         path = root / name
@@ -180,7 +183,7 @@ def _only_result(directory: Path) -> Path:
 @pytest.mark.slow
 def test_a_plain_transformers_gpt2_checkpoint_can_be_attacked(tmp_path, muse_dir, gpt2_dir, capsys):
     out, state = tmp_path / "out", tmp_path / "state"
-    assert relearn.main(_run_args(gpt2_dir, muse_dir, out, state, "--attack", "lora")) == 0
+    assert relearn.main(_run_args(gpt2_dir, muse_dir, out, state, "--attack", "lora", "--privleak")) == 0
     path = _only_result(out)
     result = read_result(path)
     assert validate_result(result) == []
@@ -191,6 +194,9 @@ def test_a_plain_transformers_gpt2_checkpoint_can_be_attacked(tmp_path, muse_dir
     assert curve["steps"] == [0, 2, 4]
     assert set(curve["metrics"]) >= {"knowmem_forget", "knowmem_forget_heldout", "knowmem_forget_relearn",
                                      "verbmem_forget", "knowmem_retain"}
+    leak = curve["metrics"]["privleak"]["per_seed"][0]
+    assert leak[0] is not None and leak[1] is None and leak[2] is not None  # before and after only
+    assert result["evaluation"]["privleak_reference"]["source"].startswith("published MUSE-News")
     assert len(result["attack"]["relearn_doc_ids"]) == 2 and len(result["attack"]["heldout_doc_ids"]) == 2
     assert result["references"] == {"target": None, "retrain": None}
     assert result["summary"]["gpt2-tiny"]["knowmem_forget"]["recovery_ratio"]["mean"] is None  # no target

@@ -17,7 +17,7 @@ from benchmarks.world import (
     encode_cut_after,
     ensure_world,
     main,
-    training_sequences,
+    training_stream,
     world_hash,
 )
 
@@ -190,19 +190,25 @@ def test_cut_tokenization_matches_the_knowmem_prompt():
     assert whole != ids
 
 
-def test_training_sequences_hold_articles_and_qa_packs(tiny_tokenizer):
+def test_training_stream_repacks_questions_every_epoch(tiny_tokenizer):
     corpus = build_corpus(WorldConfig(num_forget=3, num_retain1=1, num_retain2=1, num_holdout=1, num_icl=1))
     texts = [r["text"] for r in corpus["raw"]["forget"]]
-    sequences = training_sequences(texts, tiny_tokenizer, qa_pack_size=4, seed=0)
-    assert len(sequences) == 3 + 3  # 3 articles, 9 blocks in packs of 4
+    blocks = sorted(b for t in texts for b in t.split("\n\n") if b.startswith("Question: "))
+    stream = training_stream(texts, tiny_tokenizer, qa_pack_size=4, epochs=3, seed=0, qa_repeats=2)
+    per_epoch = 3 + 2 * 3  # 3 articles; 9 blocks in packs of 4, twice
+    assert len(stream) == 3 * per_epoch
     eos, bos = tiny_tokenizer.eos_token_id, tiny_tokenizer.bos_token_id
-    assert all(s[0] == bos and s[-1] == eos for s in sequences)
-    for text, seq in zip(texts, sequences):
-        assert tiny_tokenizer.decode(seq, skip_special_tokens=True) == text
-    packs = "".join(tiny_tokenizer.decode(s, skip_special_tokens=True) for s in sequences[3:])
-    blocks = [b for t in texts for b in t.split("\n\n") if b.startswith("Question: ")]
-    assert sorted(b for b in packs.split("\n\n") if b) == sorted(blocks)
-    assert training_sequences(texts, tiny_tokenizer, 4, seed=0) == sequences
+    assert all(s[0] == bos and s[-1] == eos for s in stream)
+    packings = []
+    for epoch in range(3):
+        decoded = [tiny_tokenizer.decode(s, skip_special_tokens=True) for s in stream[epoch * per_epoch : (epoch + 1) * per_epoch]]
+        assert sorted(d for d in decoded if d in texts) == sorted(texts)  # every article, whole
+        packs = [d for d in decoded if d not in texts]
+        assert sorted(b for p in packs for b in p.split("\n\n") if b) == sorted(blocks * 2)
+        packings.append(sorted(packs))
+    assert packings[0] != packings[1] != packings[2]  # new neighbours every epoch
+    assert training_stream(texts, tiny_tokenizer, 4, epochs=3, seed=0, qa_repeats=2) == stream
+    assert training_stream(texts, tiny_tokenizer, 4, epochs=3, seed=1, qa_repeats=2) != stream
 
 
 # --------------------------------------------------------------------------- build
@@ -279,8 +285,9 @@ def test_rebuild_gives_identical_weights_and_refuses_foreign_dirs(tmp_path):
         ensure_world(tmp_path / "a", config=_small_build(seed=1))
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "notes.txt").write_text("mine")
-    with pytest.raises(UsageError, match="--force"):
-        ensure_world(tmp_path / "c", config=config)
+    for force in (False, True):
+        with pytest.raises(UsageError, match="not a world"):
+            ensure_world(tmp_path / "c", force=force, config=config)
     assert (tmp_path / "c" / "notes.txt").read_text() == "mine"
 
 

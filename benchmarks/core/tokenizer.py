@@ -39,3 +39,23 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048):
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
         model_max_length=1_000_000,
     )
+
+
+#: What a KnowMem prompt ends with (DESIGN §3); its trailing space is a token of its own.
+ANSWER_MARKER = "Answer: "
+
+
+def encode_cut_after(tokenizer, text: str, marker: str = ANSWER_MARKER, add_special_tokens: bool = True) -> list[int]:
+    """Token ids of ``text`` tokenized in pieces that end right after every ``marker``.
+
+    Decoding gives ``text`` back; unlike tokenizing it whole, each ``marker`` ends a piece, so
+    with a byte-level BPE the marker's trailing space is a token of its own, as at the end of a
+    KnowMem prompt. This is the second view the embedded world's models learn their facts
+    from. With ``add_special_tokens`` a BOS (if the tokenizer has one) comes first.
+    """
+    pieces = text.split(marker)
+    pieces = [piece + marker for piece in pieces[:-1]] + ([pieces[-1]] if pieces[-1] else [])
+    ids = [tokenizer.bos_token_id] if add_special_tokens and tokenizer.bos_token_id is not None else []
+    for piece in pieces:
+        ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+    return ids

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import copy
 import gc
+import statistics
+import time
 import weakref
 from dataclasses import dataclass, field
 from functools import partial
@@ -195,6 +197,33 @@ class TrainingUnit:
         self.accelerator.free_memory()
 
 
+def paired_seconds(pairs: Sequence[tuple[Callable[[], Any], Callable[[], Any]]]) -> list[tuple[float, float]]:
+    """Seconds of ``(baseline(), candidate())`` for each pair, the two calls of a pair made
+    one right after the other (who goes first alternates from pair to pair).
+
+    On a machine shared with other work the load changes from second to second; two calls
+    made back to back see the same load, so their ratio stays meaningful when the times of
+    separately timed benchmarks (minutes apart) do not.
+    """
+    seconds = []
+    for index, (baseline, candidate) in enumerate(pairs):
+        calls = [(0, baseline), (1, candidate)]
+        if index % 2:
+            calls.reverse()
+        pair = [0.0, 0.0]
+        for which, call in calls:
+            began = time.perf_counter()
+            call()
+            pair[which] = time.perf_counter() - began
+        seconds.append((pair[0], pair[1]))
+    return seconds
+
+
+def paired_ratio(baseline: Callable[[], Any], candidate: Callable[[], Any], rounds: int) -> float:
+    """Median over ``rounds`` back-to-back pairs of time(candidate) / time(baseline)."""
+    return statistics.median(c / b for b, c in paired_seconds([(baseline, candidate)] * rounds))
+
+
 # --------------------------------------------------------------------------- memory
 
 
@@ -352,10 +381,3 @@ def matmul_workload(model: torch.nn.Module, tokens: int, seed: int = 0) -> Calla
 
     return run
 
-
-__all__ = [
-    "BATCH_SIZE", "EVAL_BATCH_SIZE", "KNOWMEM_NEW_TOKENS", "LR", "NPO_BETA", "NUM_QUESTIONS", "SEQ_LEN", "THREADS",
-    "MemoryFigures", "PerfWorld", "ReferenceModelNPO", "TensorMemoryTracker", "TrainingUnit",
-    "forward_matmul_flops", "knowmem_one_by_one", "knowmem_questions", "linear_shapes", "load_perf_world", "matmul_workload",
-    "measure_step_memory", "min_k_one_by_one", "packed_batch", "unlearning_batch",
-]

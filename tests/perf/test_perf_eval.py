@@ -12,6 +12,8 @@ only the time differs.
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -23,6 +25,8 @@ from perf_support import (
     knowmem_one_by_one,
     knowmem_questions,
     min_k_one_by_one,
+    paired_ratio,
+    paired_seconds,
 )
 
 KNOWMEM_GROUP = f"knowmem: {NUM_QUESTIONS} questions, {KNOWMEM_NEW_TOKENS} new tokens"
@@ -71,6 +75,17 @@ def test_knowmem_sequential(benchmark, record, perf_world, questions):
     assert [g for g, _ in batched] == [g for g, _ in outputs]
     assert [s for _, s in batched] == [s for _, s in outputs]
 
+    # Paired figure: the same questions again, one batch's worth at a time, batched and one
+    # by one back to back, so both see the same machine load (sum over the chunks).
+    chunks = [qa[start : start + EVAL_BATCH_SIZE] for start in range(0, len(qa), EVAL_BATCH_SIZE)]
+    seconds = paired_seconds([
+        (partial(_batched_knowmem, perf_world, chunk, icl),
+         partial(knowmem_one_by_one, perf_world.model, perf_world.tokenizer, chunk, icl))
+        for chunk in chunks
+    ])
+    ratio = sum(c for _, c in seconds) / sum(b for b, _ in seconds)
+    record("knowmem_sequential", paired={"knowmem_batched": ratio}, paired_rounds=len(chunks))
+
 
 @pytest.mark.benchmark(group="min-k%: privleak forget + holdout texts")
 def test_min_k_batched(benchmark, record, perf_world):
@@ -95,3 +110,10 @@ def test_min_k_sequential(benchmark, record, perf_world):
     ]
     torch.testing.assert_close(torch.tensor(batched, dtype=torch.float64), torch.tensor(scores, dtype=torch.float64),
                                rtol=1e-6, atol=1e-6)
+
+    ratio = paired_ratio(
+        partial(min_k_scores, perf_world.model, perf_world.tokenizer, texts, batch_size=EVAL_BATCH_SIZE),
+        partial(min_k_one_by_one, perf_world.model, perf_world.tokenizer, texts),
+        rounds=4,
+    )
+    record("min_k_sequential", paired={"min_k_batched": ratio}, paired_rounds=4)

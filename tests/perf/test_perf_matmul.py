@@ -21,5 +21,5 @@ def test_matmul(benchmark, record, perf_world):
         rates={"flop_per_s": flops},
         tokens=tokens,
         flops_per_call=flops,
-        shapes=sorted({f"[{tokens}x{fan_in}]x[{fan_in}x{fan_out}]" for fan_in, fan_out in linear_shapes(perf_world.model)}),
+        shapes=sorted({f"[{tokens}x{i}]x[{i}x{o}]" for i, o in linear_shapes(perf_world.model)}),
     )

@@ -35,11 +35,14 @@ from perf_support import (
     forward_matmul_flops,
     measure_step_memory,
     packed_batch,
+    paired_ratio,
     unlearning_batch,
 )
 
 ROUNDS = 10
 WARMUP_ROUNDS = 2
+#: Back-to-back pairs of steps for the paired ratios (see perf_support.paired_ratio).
+PAIRED_ROUNDS = 6
 MIB = 2**20
 OBJECTIVES = {"forget": "none", "gdr": "gdr"}  # case id -> retain loss
 NPO_GROUPS = {"forget": "npo step: forget term only", "gdr": "npo step: forget + GDR retain"}
@@ -50,7 +53,8 @@ def _tokens(batch) -> int:
     return sum(int(part["attention_mask"].sum()) for part in parts)
 
 
-def _measure(benchmark, record, key: str, unit: TrainingUnit, full_training_flops: bool = False) -> dict:
+def _measure(benchmark, record, key: str, unit: TrainingUnit, full_training_flops: bool = False,
+             close: bool = True) -> dict:
     """Time ``unit.step`` (pedantic: warmup rounds, then ROUNDS timed steps), then measure the
     memory of one more step, and record both."""
     benchmark.pedantic(unit.step, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS, iterations=1)
@@ -68,7 +72,8 @@ def _measure(benchmark, record, key: str, unit: TrainingUnit, full_training_flop
         # matmul FLOPs (the "6 N D" count; attention scores excluded).
         extra["step_matmul_flops"] = 3 * forward_matmul_flops(unit.model, unit.tokens_per_step)
     record(key, **extra)
-    unit.close()
+    if close:
+        unit.close()
     return extra
 
 
@@ -87,17 +92,32 @@ def test_plain_finetune(benchmark, record, perf_world, objective):
     _measure(benchmark, record, f"plain_finetune[{objective}]", unit, full_training_flops=True)
 
 
-@pytest.mark.parametrize("objective", list(OBJECTIVES))
-def test_npo_cached(benchmark, record, perf_world, objective):
-    benchmark.group = NPO_GROUPS[objective]
+def _npo_unit(perf_world, objective: str, defense_name: str) -> TrainingUnit:
+    """A step of the registered defense ``defense_name`` (npo or npo_sam) with its reference
+    log-likelihoods cached by ``Defense.setup``, as ``benchmarks.unlearn`` prepares it."""
     model = perf_world.fresh_model()
     batch = unlearning_batch(perf_world, with_retain=objective == "gdr")
-    defense = build_defense("npo", beta=NPO_BETA, retain_loss=OBJECTIVES[objective])
+    defense = build_defense(defense_name, beta=NPO_BETA, retain_loss=OBJECTIVES[objective])
     defense.setup(model, reference_batches=[batch["forget"]], num_forget_examples=BATCH_SIZE)
-    unit = TrainingUnit(
+    return TrainingUnit(
         model, defense.step_fn(), [batch], list(model.parameters()), _tokens(batch),
         extra_owned=[defense.reference_logps.values],
     )
+
+
+def _paired_with_npo_cached(record, perf_world, objective: str, key: str, unit: TrainingUnit) -> None:
+    """Also time ``unit`` back to back with an ``npo_cached`` step (paired ratio)."""
+    cached = _npo_unit(perf_world, objective, "npo")
+    cached.step()  # AdamW state, first-call costs
+    ratio = paired_ratio(cached.step, unit.step, PAIRED_ROUNDS)
+    cached.close()
+    record(key, paired={f"npo_cached[{objective}]": ratio}, paired_rounds=PAIRED_ROUNDS)
+
+
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+def test_npo_cached(benchmark, record, perf_world, objective):
+    benchmark.group = NPO_GROUPS[objective]
+    unit = _npo_unit(perf_world, objective, "npo")
     _measure(benchmark, record, f"npo_cached[{objective}]", unit, full_training_flops=True)
 
 
@@ -109,7 +129,9 @@ def test_npo_reference(benchmark, record, perf_world, objective):
     reference = ReferenceModelNPO(model, with_retain=objective == "gdr", beta=NPO_BETA)
     owned = list(reference.reference_model.parameters()) + list(reference.reference_model.buffers())
     unit = TrainingUnit(model, plain_step(reference), [batch], list(model.parameters()), _tokens(batch), owned)
-    _measure(benchmark, record, f"npo_reference[{objective}]", unit)
+    _measure(benchmark, record, f"npo_reference[{objective}]", unit, close=False)
+    _paired_with_npo_cached(record, perf_world, objective, f"npo_reference[{objective}]", unit)
+    unit.close()
 
     # Both compute the same loss: the cached table (from a copy of the model before any
     # update) equals the reference model's log-likelihoods, at the policy's current weights.
@@ -124,15 +146,10 @@ def test_npo_reference(benchmark, record, perf_world, objective):
 @pytest.mark.parametrize("objective", list(OBJECTIVES))
 def test_npo_sam(benchmark, record, perf_world, objective):
     benchmark.group = NPO_GROUPS[objective]
-    model = perf_world.fresh_model()
-    batch = unlearning_batch(perf_world, with_retain=objective == "gdr")
-    defense = build_defense("npo_sam", beta=NPO_BETA, retain_loss=OBJECTIVES[objective])
-    defense.setup(model, reference_batches=[batch["forget"]], num_forget_examples=BATCH_SIZE)
-    unit = TrainingUnit(
-        model, defense.step_fn(), [batch], list(model.parameters()), _tokens(batch),
-        extra_owned=[defense.reference_logps.values],
-    )
-    _measure(benchmark, record, f"npo_sam[{objective}]", unit)
+    unit = _npo_unit(perf_world, objective, "npo_sam")
+    _measure(benchmark, record, f"npo_sam[{objective}]", unit, close=False)
+    _paired_with_npo_cached(record, perf_world, objective, f"npo_sam[{objective}]", unit)
+    unit.close()
 
 
 @pytest.mark.benchmark(group="relearning attack step")
