@@ -106,8 +106,8 @@ def test_checkpoint_and_result_file(tiny_run, tmp_path):
     assert document["defense"]["name"] == "npo_sam"
     assert document["defense"]["hyperparameters"] == {
         "lr": 1e-3, "epochs": 2, "batch_size": 2, "grad_accum": 1, "max_length": 2048, "mixed_precision": "no",
-        "max_grad_norm": 1.0, "seed": 0, "answer_view": False, "utility_threshold": 0.9, "forget_weight": 1.0, "retain_weight": 1.0,
-        "retain_loss": "gdr", "beta": 0.2, "sam_rho": 0.01,
+        "max_grad_norm": 1.0, "seed": 0, "answer_view": False, "utility_threshold": 0.9,
+        "forget_weight": 1.0, "retain_weight": 1.0, "retain_loss": "gdr", "beta": 0.2, "sam_rho": 0.01,
     }
     assert document["model"]["preset"] == "paper"
     assert document["training"]["max_length"] == 512  # capped to the model's context
