@@ -10,13 +10,13 @@ documents the attacker never saw (V).
 Examples::
 
     python -m benchmarks.relearn                                   # the embedded world
-    python -m benchmarks.relearn --seeds 0,1,2 --attack lora
+    python -m benchmarks.relearn --attack lora --relearn-docs 5    # LoRA, 5 documents in T
     # a published unlearned model, attacked as it is, with MUSE-News's references:
     python -m benchmarks.relearn --model OPTML-Group/NPO-SAM-MUSE-NEWS --defense none \\
-        --target-model muse-bench/MUSE-News_target --retrain-model muse-bench/MUSE-News_retrain \\
-        --data muse-bench/MUSE-News
+        --target-model muse-bench/MUSE-news_target --retrain-model muse-bench/MUSE-news_retrain \\
+        --data muse-bench/MUSE-News --relearn-docs 0.5
     # unlearn a model first, and check the whole plan without loading anything:
-    python -m benchmarks.relearn --model muse-bench/MUSE-News_target --defense npo_sam \\
+    python -m benchmarks.relearn --model muse-bench/MUSE-news_target --defense npo_sam \\
         --data muse-bench/MUSE-News --dry-run
 
 Every argument is checked before a model is loaded. ``--resume`` continues an interrupted run
@@ -29,13 +29,12 @@ import argparse
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -495,11 +494,12 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
     return plan
 
 
-def _world_status() -> str:
+def _world_status() -> tuple[str, str]:
+    """The default world's directory, and whether it is built."""
     from benchmarks.world import WorldBuildConfig, default_world_dir, read_manifest
 
     root = default_world_dir(WorldBuildConfig())
-    return f"{root} ({'cached' if read_manifest(root) is not None else 'built on first use, minutes'})"
+    return str(root), "cached" if read_manifest(root) is not None else "built on first use (minutes)"
 
 
 def format_plan(plan: Plan) -> str:
@@ -522,11 +522,19 @@ def format_plan(plan: Plan) -> str:
         notes.append("full fine-tuning in float32 holds weights, gradients and two AdamW moments (16 bytes per "
                      "parameter); for a 7B model on one GPU use --attack lora, or --dtype bfloat16 "
                      "--mixed-precision bf16")
+    from benchmarks.world import cache_root
+
     models = {r.label: r.describe() for r in plan.roles}
+    world_dir, world_state = _world_status() if plan.world else (None, None)
+    for role in plan.roles:
+        if role.ref is None and role.kind in ("target", "retrain"):
+            models[role.label]["checkpoint"] = f"{world_dir}/{role.kind} (the world's {role.kind}, {world_state})"
+        elif role.kind == "defended":
+            models[role.label]["checkpoint"] = (f"{cache_root()}/unlearned/{role.defense}-<hash of model, settings, "
+                                                "data> (reused when present)")
     doc = {
         "data": {"source": plan.data, "kind": plan.data_kind, "preset": plan.preset},
-        "model": {"id": plan.model_id, "dtype": plan.dtype,
-                  **({"world": _world_status()} if plan.world else {})},
+        "model": {"id": plan.model_id, "dtype": plan.dtype},
         "curves": models,
         "attack": {
             "name": plan.attack,
@@ -831,50 +839,21 @@ def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict
                  trajectories: dict, timings: dict, retrain_auc: float | None) -> dict:
     """The result dict (schema of :mod:`benchmarks.core.results`)."""
     from benchmarks.core.metrics import KNOWMEM_MAX_NEW_TOKENS, MUSE_NEWS_RETRAIN_AUC_SOURCE, VERBMEM_MAX_NEW_TOKENS
-    from benchmarks.core.recovery import (
-        DEFINITIONS, KNOWMEM_T, KNOWMEM_V, PRIVLEAK, RECOVERY_METRICS, RETAIN, combine_seeds, curve_band,
-        point_values, summarize_metric,
-    )
+    from benchmarks.core.recovery import DEFINITIONS, curves_and_summary, point_values
     from benchmarks.core.results import HIGHER_IS_BETTER, SCHEMA_VERSION, environment_info
 
     steps = plan.milestones
-    metrics = [m for m in (*RECOVERY_METRICS, RETAIN) if m]
-    if plan.privleak:
-        metrics.append(PRIVLEAK)
     target = next((r.label for r in plan.roles if r.kind == "target"), None)
     retrain = next((r.label for r in plan.roles if r.kind == "retrain"), None)
-
-    points = {
-        (seed, label): {int(s): point_values(raw, groups[seed]) for s, raw in record["curve"].items()}
-        for seed, per_role in trajectories.items() for label, record in per_role.items()
-    }
-
-    def values(seed: int, label: str, metric: str) -> list[float | None]:
-        curve = points[(seed, label)]
-        return [curve.get(s, {}).get(metric) for s in steps]
-
-    groups_known = any(
-        any(v is not None for v in values(seed, r.label, KNOWMEM_V)) for seed in plan.seeds for r in plan.roles
-    )
-    if not groups_known:
-        metrics = [m for m in metrics if m not in (KNOWMEM_T, KNOWMEM_V)]
-
-    curves, summary = {}, {}
     shown = {"target": 0, "retrain": 1}  # baselines first in files, tables and legends
-    for role in sorted(plan.roles, key=lambda r: shown.get(r.kind, 2)):
-        per_metric, role_summary = {}, {}
-        for metric in metrics:
-            per_seed = {seed: values(seed, role.label, metric) for seed in plan.seeds}
-            per_metric[metric] = {"per_seed": per_seed, **curve_band(per_seed)}
-            stats = {}
-            for seed in plan.seeds:
-                recovery = metric in RECOVERY_METRICS
-                target_start = values(seed, target, metric)[0] if recovery and target else None
-                retrain_curve = values(seed, retrain, metric) if retrain else None
-                stats[seed] = summarize_metric(steps, per_seed[seed], target_start, retrain_curve)
-            role_summary[metric] = combine_seeds(stats)
-        curves[role.label] = {"steps": list(steps), "metrics": per_metric}
-        summary[role.label] = role_summary
+    labels = [r.label for r in sorted(plan.roles, key=lambda r: shown.get(r.kind, 2))]
+    points = {
+        label: {seed: {int(s): point_values(raw, groups[seed]) for s, raw in trajectories[seed][label]["curve"].items()}
+                for seed in plan.seeds}
+        for label in labels
+    }
+    curves, summary, metrics = curves_and_summary(steps, points, target, retrain, privleak=plan.privleak)
+    groups_known = "knowmem_forget_heldout" in metrics
 
     statuses = {t["status"] for per_role in trajectories.values() for t in per_role.values()}
     status = "diverged" if "diverged" in statuses else "complete"
@@ -939,7 +918,7 @@ def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict
         "trajectories": {
             label: {seed: {"status": trajectories[seed][label]["status"], "error": trajectories[seed][label]["error"],
                            "losses": trajectories[seed][label]["losses"]} for seed in plan.seeds}
-            for label in (r.label for r in plan.roles)
+            for label in labels
         },
         "environment": environment_info(_device()),
         "timings": {k: round(v, 3) for k, v in timings.items()},

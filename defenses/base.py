@@ -85,13 +85,17 @@ class Defense:
     Class attributes say what the method needs prepared before training:
     ``needs_reference_logps`` (log π_ref of every forget example, cached once) and
     ``needs_reference_model`` (a frozen copy of the model before unlearning, e.g. for a loss
-    over the whole vocabulary that cannot be cached per example).
+    over the whole vocabulary that cannot be cached per example); ``world_settings`` holds
+    the method's calibrated settings for the embedded world, if they differ from the paper's.
     """
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type[DefenseConfig]] = DefenseConfig
     needs_reference_logps: ClassVar[bool] = False
     needs_reference_model: ClassVar[bool] = False
+    #: Settings (config fields or training settings) that replace the defaults when unlearning
+    #: the embedded world's tiny target (``benchmarks.unlearn``'s ``world`` preset).
+    world_settings: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, config: DefenseConfig | None = None) -> None:
         config = config if config is not None else self.config_class()

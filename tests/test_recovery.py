@@ -13,6 +13,7 @@ from benchmarks.core.recovery import (
     area_under_curve,
     combine_seeds,
     curve_band,
+    curves_and_summary,
     document_ids,
     evaluate_point,
     group_mean,
@@ -152,6 +153,41 @@ def test_combine_seeds_and_curve_band():
     band = curve_band({0: [0.0, 10.0], 1: [2.0, 20.0]})
     assert band["mean"] == pytest.approx([1.0, 15.0])
     assert band["ci95_low"][0] < 1.0 < band["ci95_high"][0]
+
+
+def _point(all_, t, v, verb=0.0, retain=50.0):
+    return {"knowmem_forget": all_, "knowmem_forget_relearn": t, "knowmem_forget_heldout": v,
+            "verbmem_forget": verb, "knowmem_retain": retain}
+
+
+def test_curves_and_summary_pair_each_seed_with_its_baselines():
+    steps = [0, 10]
+    points = {
+        "target": {0: {0: _point(60, 60, 60), 10: _point(60, 60, 60)},
+                   1: {0: _point(60, 50, 70), 10: _point(60, 50, 70)}},
+        "retrain": {0: {0: _point(0, 0, 0), 10: _point(10, 20, 0)},
+                    1: {0: _point(0, 0, 0), 10: _point(10, 20, 0)}},
+        "npo": {0: {0: _point(20, 20, 20), 10: _point(40, 50, 30)},
+                1: {0: _point(20, 10, 30), 10: _point(40, 50, 50)}},
+    }
+    curves, summary, metrics = curves_and_summary(steps, points, "target", "retrain")
+    assert metrics == ["knowmem_forget", "knowmem_forget_relearn", "knowmem_forget_heldout",
+                       "verbmem_forget", "knowmem_retain"]
+    v = summary["npo"]["knowmem_forget_heldout"]
+    # seed 0: (30 - 20) / (60 - 20) = 0.25; seed 1: (50 - 30) / (70 - 30) = 0.5
+    assert v["recovery_ratio"]["per_seed"] == {0: pytest.approx(0.25), 1: pytest.approx(0.5)}
+    assert v["recovery_ratio"]["mean"] == pytest.approx(0.375)
+    assert v["excess_over_retrain"]["per_seed"] == {0: 30, 1: 50}
+    assert summary["target"]["knowmem_forget"]["recovery_ratio"]["mean"] is None
+    assert curves["npo"]["metrics"]["knowmem_forget"]["mean"] == pytest.approx([20.0, 40.0])
+    assert curves["npo"]["steps"] == [0, 10]
+    # Without doc ids there is no T/V curve at all.
+    for label in points:
+        for seed in points[label]:
+            for point in points[label][seed].values():
+                point["knowmem_forget_relearn"] = point["knowmem_forget_heldout"] = None
+    _, summary, metrics = curves_and_summary(steps, points, "target", "retrain", privleak=False)
+    assert "knowmem_forget_heldout" not in metrics and "knowmem_forget_heldout" not in summary["npo"]
 
 
 # --------------------------------------------------------------------------- one milestone

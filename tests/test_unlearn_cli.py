@@ -237,6 +237,8 @@ def test_the_world_is_the_default_and_checked_before_it_is_built(tmp_path, no_lo
     assert request.model_ref is None and request.data == "world" and request.preset == "world"
     assert request.config.lr == unlearn.WORLD_PRESET["lr"]
     assert request.defense.config.sam_rho == 0.01
+    assert request.defense.config.beta == 0.05  # the NPO family's world setting
+    assert request.config.answer_view is True
     with pytest.raises(UsageError, match="beta must be"):
         unlearn.main(["--defense", "npo", "--beta", "0", "--out", str(tmp_path / "o")])
     with pytest.raises(UsageError, match="needs --model"):

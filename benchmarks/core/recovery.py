@@ -28,6 +28,12 @@ INTERVAL_METHOD = (
     "Student t, two-sided 95% confidence interval of the mean over seeds: mean +- t_0.975(n-1) * s / sqrt(n); "
     "null with one seed, or when the value is undefined for any seed"
 )
+#: Curve metrics from :mod:`benchmarks.core.results`: all forget questions, T's, V's.
+KNOWMEM_ALL, KNOWMEM_T, KNOWMEM_V = "knowmem_forget", "knowmem_forget_relearn", "knowmem_forget_heldout"
+VERBMEM, RETAIN, PRIVLEAK = "verbmem_forget", "knowmem_retain", "privleak"
+#: Metrics whose recovery is summarised (knowledge an unlearned model should not have).
+RECOVERY_METRICS = (KNOWMEM_ALL, KNOWMEM_T, KNOWMEM_V, VERBMEM)
+
 #: Recovery fraction for the "steps to X% recovery" summary.
 RECOVERY_THRESHOLD = 0.5
 
@@ -230,6 +236,51 @@ def summarize_metric(
     }
 
 
+def curves_and_summary(
+    steps: Sequence[int],
+    points: Mapping[str, Mapping[Any, Mapping[int, Mapping[str, float | None]]]],
+    target: str | None,
+    retrain: str | None,
+    privleak: bool = False,
+) -> tuple[dict, dict, list[str]]:
+    """The ``curves`` and ``summary`` sections of a result file, and the metrics they hold.
+
+    ``points[label][seed][step]`` holds the curve values of one model (label) at one milestone
+    (see :func:`point_values`); ``target``/``retrain`` name the baselines' labels (or None).
+    Recovery statistics are computed per seed against the same seed's target and retrain
+    curves, then combined over seeds. The T/V metrics are left out when no item knows its
+    document.
+    """
+    metrics = [*RECOVERY_METRICS, RETAIN] + ([PRIVLEAK] if privleak else [])
+
+    def values(label: str, seed: Any, metric: str) -> list[float | None]:
+        curve = points[label][seed]
+        return [curve.get(step, {}).get(metric) for step in steps]
+
+    if not any(v is not None for label in points for seed in points[label] for v in values(label, seed, KNOWMEM_V)):
+        metrics = [m for m in metrics if m not in (KNOWMEM_T, KNOWMEM_V)]
+    curves, summary = {}, {}
+    for label, per_seed_points in points.items():
+        per_metric, role_summary = {}, {}
+        for metric in metrics:
+            per_seed = {seed: values(label, seed, metric) for seed in per_seed_points}
+            per_metric[metric] = {"per_seed": per_seed, **curve_band(per_seed)}
+            recovery = metric in RECOVERY_METRICS
+            stats = {
+                seed: summarize_metric(
+                    steps,
+                    per_seed[seed],
+                    values(target, seed, metric)[0] if recovery and target is not None else None,
+                    values(retrain, seed, metric) if retrain is not None else None,
+                )
+                for seed in per_seed
+            }
+            role_summary[metric] = combine_seeds(stats)
+        curves[label] = {"steps": list(steps), "metrics": per_metric}
+        summary[label] = role_summary
+    return curves, summary, metrics
+
+
 # --------------------------------------------------------------------------- over seeds
 
 
@@ -264,12 +315,6 @@ def curve_band(per_seed: Mapping[Any, Sequence[float | None]]) -> dict[str, list
 
 
 # --------------------------------------------------------------------------- one milestone
-
-#: Curve metrics from :mod:`benchmarks.core.results`: all forget questions, T's, V's.
-KNOWMEM_ALL, KNOWMEM_T, KNOWMEM_V = "knowmem_forget", "knowmem_forget_relearn", "knowmem_forget_heldout"
-VERBMEM, RETAIN, PRIVLEAK = "verbmem_forget", "knowmem_retain", "privleak"
-#: Metrics whose recovery is summarised (knowledge an unlearned model should not have).
-RECOVERY_METRICS = (KNOWMEM_ALL, KNOWMEM_T, KNOWMEM_V, VERBMEM)
 
 
 @dataclass(frozen=True)
