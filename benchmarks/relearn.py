@@ -207,8 +207,9 @@ class Plan:
     dtype: str
     eval_batch_size: int
     privleak: bool
-    output_yaml: Path
-    output_png: Path
+    output_file: Path | None  # the YAML the user named (--output), else None
+    output_dir: Path  # where a YAML named by run id goes otherwise
+    output_prefix: str
     overwrite: bool
     state_dir: Path
     resume: bool
@@ -235,6 +236,12 @@ class Plan:
     def key(self) -> str:
         blob = json.dumps(self.identity(), sort_keys=True, default=str)
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+    def output_paths(self, run_id: str) -> tuple[Path, Path]:
+        """The result YAML and its PNG: as named by ``--output``, else carrying the run id so
+        that a new run never collides with an earlier one."""
+        yaml_path = self.output_file or self.output_dir / f"{self.output_prefix}-{run_id}.yaml"
+        return yaml_path, yaml_path.with_suffix(".png")
 
     def roles_of(self, kind: str) -> list[Role]:
         return [r for r in self.roles if r.kind == kind]
@@ -447,21 +454,19 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
 
     # ---- where files go
     if args.output is not None:
-        output_yaml = check_output_target(args.output, overwrite=args.overwrite)
-        if output_yaml.suffix not in (".yaml", ".yml"):
+        output_file = check_output_target(args.output, overwrite=args.overwrite)
+        if output_file.suffix not in (".yaml", ".yml"):
             raise UsageError(f"--output {args.output!r} should name a .yaml file")
         if args.output_dir is not None:
             raise UsageError("give --output or --output-dir, not both")
+        check_output_target(output_file.with_suffix(".png"), overwrite=args.overwrite)
+        directory = output_file.parent
     else:
+        output_file = None
         directory = Path(args.output_dir) if args.output_dir else Path("results") / _data_label(args.data) / (
             "world-target" if world else _model_label(args.model))
         check_output_target(directory)
         _check_writable_dir(directory, "--output-dir")
-        tag = "+".join(defenses) if defenses else NONE
-        output_yaml = directory / f"relearn-{args.attack}-{_safe_name(tag)}-RUNID.yaml"
-    output_png = output_yaml.with_suffix(".png")
-    if args.output is not None:
-        check_output_target(output_png, overwrite=args.overwrite)
 
     plan = Plan(
         command=command_line("benchmarks.relearn", argv),
@@ -479,8 +484,9 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
         dtype=dtype,
         eval_batch_size=eval_batch_size,
         privleak=args.privleak,
-        output_yaml=output_yaml,
-        output_png=output_png,
+        output_file=output_file,
+        output_dir=directory,
+        output_prefix=f"relearn-{args.attack}-{_safe_name('+'.join(defenses) if defenses else NONE)}",
         overwrite=args.overwrite,
         state_dir=Path("."),
         resume=args.resume,
@@ -550,7 +556,7 @@ def format_plan(plan: Plan) -> str:
             "batch_size": plan.eval_batch_size,
             "model_evaluations": len(plan.roles) * (1 + len(plan.seeds) * (len(plan.milestones) - 1)),
         },
-        "output": {"yaml": str(plan.output_yaml), "png": str(plan.output_png),
+        "output": {**dict(zip(("yaml", "png"), map(str, plan.output_paths("<run id>")))),
                    "resume_state": str(plan.state_dir), "checkpoints_at_milestones": plan.checkpoints},
     }
 
@@ -980,9 +986,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from benchmarks.core.plots import plot_recovery
     from benchmarks.core.results import write_yaml_atomic
 
-    result = execute(plan)
-    output_yaml = Path(str(plan.output_yaml).replace("RUNID", result["run_id"]))
-    output_png = Path(str(plan.output_png).replace("RUNID", result["run_id"]))
+    try:
+        result = execute(plan)
+    except KeyboardInterrupt:
+        print(f"interrupted: run the same command with --resume to continue from the last milestone "
+              f"(state kept in {plan.state_dir})", file=sys.stderr)
+        raise
+    output_yaml, output_png = plan.output_paths(result["run_id"])
     write_yaml_atomic(output_yaml, result, overwrite=plan.overwrite)
     plot_recovery(result, output_png, overwrite=plan.overwrite)
     RunState(plan.state_dir, plan.checkpoints).remove()
