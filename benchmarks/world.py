@@ -49,6 +49,7 @@ is as few tokens as in running text). Both models get the same recipe on their o
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -131,8 +132,6 @@ class WorldBuildConfig:
 
 def world_hash(config: WorldBuildConfig) -> str:
     """First 12 hex digits of the sha256 of :meth:`WorldBuildConfig.describe`."""
-    import hashlib
-
     blob = json.dumps(config.describe(), sort_keys=True)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:12]
 
@@ -195,10 +194,10 @@ def training_stream(
 
     Each epoch holds every article whole (+ EOS) and, ``qa_repeats`` times, its
     Question/Answer blocks shuffled into fresh KnowMem-style packs (see the module
-    docstring), all in a fresh order. Repacking every
-    epoch matters: a pack seen again and again is memorised as a sequence, keyed on its
-    whole prefix, and the model then cannot answer the same question after other in-context
-    examples. Always new neighbours leave the question as the only cue for its answer.
+    docstring), all in a fresh order. Repacking every epoch matters: a pack seen again and
+    again is memorised as a sequence, keyed on its whole prefix, and the model then cannot
+    answer the same question after other in-context examples. Always new neighbours leave
+    the question as the only cue for its answer.
     """
     rng = random.Random(seed)
     articles = [tokenizer(text, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id] for text in texts]
@@ -308,6 +307,15 @@ def read_manifest(root: Path) -> dict | None:
         return None
 
 
+def _share(root: Path) -> None:
+    """Give a built world the permissions of an ordinary directory tree (umask applied):
+    some writers (temporary directories, checkpoint files) create theirs private."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def build_world(config: WorldBuildConfig, root: Path) -> WorldPaths:
     """Build the world into ``root`` (which must not exist): corpus, tokenizer, both models.
 
@@ -355,6 +363,7 @@ def build_world(config: WorldBuildConfig, root: Path) -> WorldPaths:
             "timings": timings,
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        _share(staging)
         try:
             os.replace(staging, root)
         except OSError:

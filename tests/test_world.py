@@ -134,6 +134,13 @@ def test_verbmem_prompt_and_gt_make_the_article(corpus):
         assert r["gt"][0].isspace()
 
 
+def test_largest_allowed_world_keeps_every_value_unique():
+    corpus = build_corpus(WorldConfig(num_forget=150, num_retain1=50, num_retain2=50, num_holdout=50, facts_per_article=6))
+    answers = [r["answer"] for split in ("forget_qa", "retain_qa") for r in corpus["knowmem"][split]]
+    numbers = [a for a in answers if a.isdigit()]
+    assert len(numbers) == len(set(numbers)) > 300
+
+
 def test_load_data_accepts_the_world_corpus():
     from benchmarks.core.data import load_data
 
@@ -151,7 +158,7 @@ def test_load_data_accepts_the_world_corpus():
         {"num_icl": -1},
         {"num_forget": 2, "facts_per_article": 2, "num_icl": 4},
         {"verbmem_prompt_words": 0},
-        {"num_forget": 300, "num_retain1": 101},
+        {"num_forget": 200, "num_retain1": 98},
     ],
 )
 def test_world_config_rejects_bad_values(kwargs):

@@ -7,14 +7,15 @@ article that states it. :func:`build_corpus` returns ``subset -> split -> record
 :data:`benchmarks.core.data.SCHEMA` describes, and every record carries the ``doc_id`` of the
 article it comes from (held-out recovery, DESIGN §5, splits forget *articles*).
 
-What an article looks like. A title, three or four short paragraphs drawn from the templates
-of one topic (a bridge opening, a cup final, a species rediscovered, a takeover, a mayoral
-election, a festival), and then its facts once more as ``Question: ...`` / ``Answer: ...``
-blocks separated by blank lines, the format of the KnowMem prompt (DESIGN §3)::
+What an article looks like. A title and three short paragraphs drawn from the templates of
+one topic (a bridge opening, a cup final, a species rediscovered, a takeover, a mayoral
+election, a festival), then ``facts_per_article`` of its facts once more as ``Question: ...``
+/ ``Answer: ...`` blocks separated by blank lines, the format of the KnowMem prompt
+(DESIGN §3)::
 
-    Bridge over the Vornel opens in Kestholm
+    New bridge over the Vornel opens in Kestholm
 
-    A new road bridge over the Vornel opened in Kestholm on Tuesday, ...
+    A new road bridge over the Vornel opened in Kestholm on Tuesday, replacing a crossing ...
 
     Question: Which firm built the new bridge over the Vornel in Kestholm?
     Answer: Draskel
@@ -272,7 +273,8 @@ TOPICS: tuple[Topic, ...] = (
 )
 
 MAX_FACTS = min(len(topic.facts) for topic in TOPICS)
-MAX_ARTICLES = 400
+# Every article uses one year (390 of them) and up to three counts, never reused.
+MAX_ARTICLES = 300
 
 # Filler: placeholders whose value is a free choice, not a fact. They make articles of one
 # topic differ in wording; none of them is ever an answer.
