@@ -127,13 +127,14 @@ PAPER_PRESET: dict[str, Any] = {
     "mixed_precision": "no", "max_grad_norm": 1.0, "seed": 0, "answer_view": False, "utility_threshold": 0.9,
 }
 
-#: The embedded world's tiny target (4 layers, 128 wide, 20 forget articles), calibrated on
-#: NPO: lr 5e-5 for 7 epochs reaches the lowest KnowMem-forget that keeps KnowMem-retain at
-#: the 0.9 bar; longer runs let KnowMem-forget creep back as the retain term repairs the
-#: shared question-answering format. A defense refines these with its class attribute
-#: ``world_settings`` (NPO: β = 0.05). results/world/unlearn/ holds the runs behind the numbers.
+#: The embedded world's tiny target (4 layers, 128 wide, 20 forget articles): lr 1e-4 moves
+#: it within a few epochs (the paper's 1e-5 barely does in 10), and its facts are unlearned
+#: from both views it learned them from (``answer_view``). The defenses' own settings (β, ρ,
+#: weights) stay the paper's; a defense may refine them with its class attribute
+#: ``world_settings``. results/world/unlearn/ holds the runs behind these numbers and the
+#: trade-off they measure.
 WORLD_PRESET: dict[str, Any] = {
-    "lr": 5e-5, "epochs": 7, "batch_size": 4, "grad_accum": 1, "max_length": 512,
+    "lr": 1e-4, "epochs": 10, "batch_size": 4, "grad_accum": 1, "max_length": 512,
     "mixed_precision": "no", "max_grad_norm": 1.0, "seed": 0, "answer_view": True, "utility_threshold": 0.9,
 }
 

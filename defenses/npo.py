@@ -62,10 +62,6 @@ class NPO(Defense):
 
     config_class = NPOConfig
     needs_reference_logps = True
-    # The world's 4-layer target: with β = 0.1 the loss saturates (σ(β·ratio) → 0) after a
-    # few epochs, before KnowMem-forget moves much; β = 0.05 keeps the gradient alive longer.
-    # See results/world/unlearn/.
-    world_settings = {"beta": 0.05}
 
     def forget_loss(self, model, forget):
         if self.reference_logps is None:

@@ -237,7 +237,6 @@ def test_the_world_is_the_default_and_checked_before_it_is_built(tmp_path, no_lo
     assert request.model_ref is None and request.data == "world" and request.preset == "world"
     assert request.config.lr == unlearn.WORLD_PRESET["lr"]
     assert request.defense.config.sam_rho == 0.01
-    assert request.defense.config.beta == 0.05  # the NPO family's world setting
     assert request.config.answer_view is True
     with pytest.raises(UsageError, match="beta must be"):
         unlearn.main(["--defense", "npo", "--beta", "0", "--out", str(tmp_path / "o")])
@@ -282,6 +281,7 @@ def test_a_new_defense_is_one_registered_class(tiny_run, tmp_path):
     class Noisy(Defense):
         name = "noisy"
         config_class = NoisyConfig
+        world_settings = {"noise_std": 0.2, "lr": 3e-4}
 
         def forget_loss(self, model, forget):
             raise NotImplementedError
@@ -295,6 +295,9 @@ def test_a_new_defense_is_one_registered_class(tiny_run, tmp_path):
     args = parser.parse_args(_argv(tiny_run, tmp_path / "o", "--defense", "noisy", "--noise-std", "0.5"))
     request = unlearn.plan_request(args, registry)
     assert isinstance(request.defense, Noisy) and request.defense.config.noise_std == 0.5
+    world = unlearn.preset_settings("noisy", "world", registry)
+    assert world["noise_std"] == 0.2 and world["lr"] == 3e-4  # its calibrated world settings
+    assert unlearn.preset_settings("noisy", "paper", registry)["noise_std"] == 0.01
     args = parser.parse_args(_argv(tiny_run, tmp_path / "o", "--defense", "npo", "--noise-std", "0.5"))
     with pytest.raises(UsageError, match="--noise-std does not apply to defense 'npo'.*noisy"):
         unlearn.plan_request(args, registry)
