@@ -12,7 +12,8 @@ also scores low.
 
 A file that cannot be read or does not follow the schema is named in a warning and under the
 table, and the rest is rendered. YAML files that are not result files (no ``schema_version``
-and no ``run_id``) are ignored.
+and no ``run_id``), and the reports of ``benchmarks.unlearn`` and ``benchmarks.evaluate``
+(``kind: unlearn`` / ``evaluation``), are ignored.
 """
 
 from __future__ import annotations
@@ -87,6 +88,9 @@ def result_files(directory: Path) -> list[Path]:
     return sorted(found)
 
 
+OTHER_REPORT_KINDS = ("unlearn", "evaluation")
+
+
 def load_results(directory: Path) -> tuple[list[tuple[Path, dict]], list[tuple[Path, str]]]:
     """``(results, broken)``: valid result dicts and ``(path, reason)`` for files skipped."""
     results, broken = [], []
@@ -98,6 +102,11 @@ def load_results(directory: Path) -> tuple[list[tuple[Path, dict]], list[tuple[P
             continue
         if "schema_version" not in data and "run_id" not in data:
             logger.debug("ignoring %s: not a result file (no schema_version, no run_id)", path)
+            continue
+        # benchmarks.unlearn and benchmarks.evaluate write their own reports (kind: unlearn /
+        # evaluation) beside relearning runs; only relearning runs have curves to rank.
+        if data.get("kind", "relearn") in OTHER_REPORT_KINDS:
+            logger.debug("ignoring %s: a %s report, not a relearning run", path, data["kind"])
             continue
         problems = validate_result(data)
         if problems:

@@ -140,6 +140,8 @@ def test_broken_and_invalid_files_are_named_and_skipped(results_dir, caplog):
     write_yaml_atomic(results_dir / "incomplete.yaml", incomplete)
     (results_dir / "settings.yaml").write_text("lr: 0.001\n")  # not a result file: ignored
     (results_dir / ".run.yaml.1234.tmp").write_text("half")  # temporary file of a write
+    # An unlearning report has schema_version and run_id but no curves: not ranked, not broken.
+    (results_dir / "unlearn.yaml").write_text("schema_version: 1\nkind: unlearn\nrun_id: u1\n")
 
     with caplog.at_level(logging.WARNING, logger="benchmarks.leaderboard"):
         assert leaderboard.main([str(results_dir)]) == 0
@@ -149,6 +151,7 @@ def test_broken_and_invalid_files_are_named_and_skipped(results_dir, caplog):
     assert "broken.yaml" in skipped and "not valid YAML at line" in skipped
     assert "incomplete.yaml" in skipped and "environment: missing" in skipped
     assert "settings.yaml" not in text
+    assert "unlearn.yaml" not in text
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert "broken.yaml" in warned and "incomplete.yaml" in warned
 
