@@ -859,7 +859,13 @@ def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict
         for label in labels
     }
     curves, summary, metrics = curves_and_summary(steps, points, target, retrain, privleak=plan.privleak)
-    groups_known = "knowmem_forget_heldout" in metrics
+    first_groups = groups[plan.seeds[0]]
+    if first_groups.held_out is None:
+        heldout_note = f"unavailable: {first_groups.reason}"
+    elif "knowmem_forget_heldout" not in metrics:
+        heldout_note = "unavailable: V is empty (every forget document went to the attacker)"
+    else:
+        heldout_note = "questions grouped into T and V by their doc_id"
 
     statuses = {t["status"] for per_role in trajectories.values() for t in per_role.values()}
     status = "diverged" if "diverged" in statuses else "complete"
@@ -918,8 +924,7 @@ def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict
                        "heldout": None if g.held_out is None else len(g.held_out)}
                 for seed, g in groups.items()},
             "privleak_reference": privleak_reference,
-            "heldout_questions": "per-question doc_id" if groups_known else
-            "unavailable: the questions carry no doc_id, so T/V recovery cannot be measured",
+            "heldout_questions": heldout_note,
         },
         "trajectories": {
             label: {seed: {"status": trajectories[seed][label]["status"], "error": trajectories[seed][label]["error"],
@@ -961,8 +966,11 @@ def format_table(result: dict) -> str:
         rows.append(row)
     steps = result["attack"]["milestones"][-1]
     seeds = len(result["attack"]["seeds"])
-    caption = (f"{result['attack']['name']} attack, {steps} steps, {seeds} seed(s); mean ± 95% t-interval half-width; "
-               "V recovery = (after − before) / (target before − before) on held-out documents")
+    caption = f"{result['attack']['name']} attack, {steps} steps, {seeds} seed(s); mean ± 95% t-interval half-width"
+    if heldout:
+        caption += "; V recovery = (after − before) / (target before − before) on the held-out documents V"
+    else:
+        caption += f"; held-out recovery: {result['evaluation']['heldout_questions']}"
     table = tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True,
                      colalign=("left",) + ("right",) * (len(headers) - 1))
     return table + "\n" + caption

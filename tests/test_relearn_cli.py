@@ -234,3 +234,19 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_numbers(tmp_path, 
     assert resumed["curves"] == reference["curves"]
     assert resumed["summary"] == reference["summary"]
     assert resumed["trajectories"] == reference["trajectories"]
+
+
+@pytest.mark.slow
+@pytest.mark.muse_news
+def test_muse_news_questions_without_doc_ids_report_held_out_recovery_as_unavailable(
+        tmp_path, muse_news_dir, gpt2_dir):
+    out = tmp_path / "out"
+    args = ["--model", str(gpt2_dir), "--defense", "none", "--data", str(muse_news_dir), "--steps", "1",
+            "--relearn-docs", "2", "--seeds", "0", "--max-length", "64", "--eval-batch-size", "100",
+            "--output-dir", str(out), "--state-dir", str(tmp_path / "state"), "--no-progress"]
+    assert relearn.main(args) == 0
+    result = read_result(_only_result(out))
+    assert validate_result(result) == []
+    assert set(result["curves"]["gpt2-tiny"]["metrics"]) == {"knowmem_forget", "verbmem_forget", "knowmem_retain"}
+    assert result["evaluation"]["heldout_questions"].startswith("unavailable: the questions carry no doc_id")
+    assert result["attack"]["documents"] == {"forget": 889, "relearn": 2, "heldout": 887}

@@ -149,7 +149,7 @@ def question_groups(records: Sequence[Mapping[str, Any]], split: DocumentSplit) 
     everything = tuple(range(len(records)))
     with_ids = [i for i, r in enumerate(records) if r.get("doc_id") is not None]
     if not with_ids:
-        return ItemGroups(everything, None, None, "the items carry no doc_id, so T/V membership is unknown")
+        return ItemGroups(everything, None, None, "the questions carry no doc_id, so which belong to T or V is unknown")
     train_ids, held_ids = set(split.train), set(split.held_out)
     train = tuple(i for i in with_ids if str(records[i]["doc_id"]) in train_ids)
     held_out = tuple(i for i in with_ids if str(records[i]["doc_id"]) in held_ids)
@@ -248,8 +248,8 @@ def curves_and_summary(
     ``points[label][seed][step]`` holds the curve values of one model (label) at one milestone
     (see :func:`point_values`); ``target``/``retrain`` name the baselines' labels (or None).
     Recovery statistics are computed per seed against the same seed's target and retrain
-    curves, then combined over seeds. The T/V metrics are left out when no item knows its
-    document.
+    curves, then combined over seeds. A T or V metric is left out when it has no value at
+    all (no item knows its document, or the group is empty).
     """
     metrics = [*RECOVERY_METRICS, RETAIN] + ([PRIVLEAK] if privleak else [])
 
@@ -257,8 +257,9 @@ def curves_and_summary(
         curve = points[label][seed]
         return [curve.get(step, {}).get(metric) for step in steps]
 
-    if not any(v is not None for label in points for seed in points[label] for v in values(label, seed, KNOWMEM_V)):
-        metrics = [m for m in metrics if m not in (KNOWMEM_T, KNOWMEM_V)]
+    for group in (KNOWMEM_T, KNOWMEM_V):  # no doc ids, or an empty T/V: no such curve at all
+        if not any(v is not None for label in points for seed in points[label] for v in values(label, seed, group)):
+            metrics.remove(group)
     curves, summary = {}, {}
     for label, per_seed_points in points.items():
         per_metric, role_summary = {}, {}

@@ -6,7 +6,11 @@ Run it with::
 
     .venv/bin/python -m pytest tests/perf -p no:cacheprovider -o addopts=""
 
-(``-o addopts=""`` drops the ``--ignore``). Save a baseline and compare a later run with it::
+(``-o addopts=""`` drops the ``--ignore``). On a machine shared with other work, prefix it with
+``OMP_WAIT_POLICY=PASSIVE``: by default torch's OpenMP threads spin while they wait, and when
+another process holds a core a 2-thread step can take several times longer from one round to
+the next; with passive waiting the rounds agree to a few percent. (It must be set before torch
+is imported, so it cannot be set from here.) Save a baseline and compare a later run with it::
 
     .venv/bin/python -m pytest tests/perf -p no:cacheprovider -o addopts="" --benchmark-autosave
     .venv/bin/python -m pytest tests/perf -p no:cacheprovider -o addopts="" \\
@@ -84,6 +88,8 @@ def record(benchmark, perf_world):
 
     def store(key: str, rates: dict[str, float] | None = None, **extra) -> float | None:
         extra.setdefault("threads", torch.get_num_threads())
+        extra.setdefault("omp_wait_policy", os.environ.get("OMP_WAIT_POLICY", "unset"))
+        extra.setdefault("load_average_1min", round(os.getloadavg()[0], 2))
         extra.setdefault("model_source", perf_world.model_source)
         stats = benchmark.stats.stats if benchmark.stats is not None else None
         median = minimum = None
@@ -124,10 +130,11 @@ def _check(label: str, numerator: str, denominator: str, target: str | None = No
               if value is not None]
     if not ratios:
         return f"  {label:<44} not measured"
-    text = "  ".join(f"{value:5.2f}x {name}" for value, name in ratios)
+    shown = {"peak_tensor_mib": "peak"}
+    text = "  ".join(f"{value:5.2f}x {shown.get(name, name)}" for value, name in ratios)
     if target is not None:
         verdict = "" if ok is None else ("meets" if ok(ratios[0][0]) else "MISSES")
-        text += f"   target {target} {verdict} ({ratios[0][1]})"
+        text += f"   target {target}: {verdict} ({shown.get(ratios[0][1], ratios[0][1])})"
     return f"  {label:<44} {text}"
 
 
@@ -192,7 +199,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     start = f"{LOAD_AT_START[0]:.1f}" if LOAD_AT_START else "?"
     terminalreporter.write_line(
         f" machine: {os.cpu_count()} CPUs, 1-min load average {start} at the start and "
-        f"{os.getloadavg()[0]:.1f} at the end (a load above the CPU count means other work shared the cores)"
+        f"{os.getloadavg()[0]:.1f} at the end (a load above the CPU count means other work shared the cores); "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
     )
     for line in summary_lines():
         terminalreporter.write_line(line)

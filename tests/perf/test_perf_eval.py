@@ -75,6 +75,8 @@ def test_knowmem_sequential(benchmark, record, perf_world, questions):
     assert [g for g, _ in batched] == [g for g, _ in outputs]
     assert [s for _, s in batched] == [s for _, s in outputs]
 
+    if not benchmark.enabled:
+        return
     # Paired figure: the same questions again, one batch's worth at a time, batched and one
     # by one back to back, so both see the same machine load (sum over the chunks).
     chunks = [qa[start : start + EVAL_BATCH_SIZE] for start in range(0, len(qa), EVAL_BATCH_SIZE)]
@@ -111,6 +113,8 @@ def test_min_k_sequential(benchmark, record, perf_world):
     torch.testing.assert_close(torch.tensor(batched, dtype=torch.float64), torch.tensor(scores, dtype=torch.float64),
                                rtol=1e-6, atol=1e-6)
 
+    if not benchmark.enabled:
+        return
     ratio = paired_ratio(
         partial(min_k_scores, perf_world.model, perf_world.tokenizer, texts, batch_size=EVAL_BATCH_SIZE),
         partial(min_k_one_by_one, perf_world.model, perf_world.tokenizer, texts),

@@ -91,7 +91,7 @@ def test_plain_finetune(benchmark, record, perf_world, objective):
     batch = {name: {k: v for k, v in part.items() if k != "index"} for name, part in batch.items()}
     unit = TrainingUnit(model, plain_step(_plain_loss), [batch], list(model.parameters()), _tokens(batch))
     _measure(benchmark, record, f"plain_finetune[{objective}]", unit, full_training_flops=True, close=False)
-    if objective == "forget":
+    if objective == "forget" and benchmark.enabled:
         # Back to back with the matmuls of one forward pass over the same tokens (the
         # ``matmul`` case), for the fraction of the machine's matmul speed training reaches.
         matmuls = matmul_workload(unit.model, unit.tokens_per_step)
@@ -138,7 +138,8 @@ def test_npo_reference(benchmark, record, perf_world, objective):
     owned = list(reference.reference_model.parameters()) + list(reference.reference_model.buffers())
     unit = TrainingUnit(model, plain_step(reference), [batch], list(model.parameters()), _tokens(batch), owned)
     _measure(benchmark, record, f"npo_reference[{objective}]", unit, close=False)
-    _paired_with_npo_cached(record, perf_world, objective, f"npo_reference[{objective}]", unit)
+    if benchmark.enabled:
+        _paired_with_npo_cached(record, perf_world, objective, f"npo_reference[{objective}]", unit)
     unit.close()
 
     # Both compute the same loss: the cached table (from a copy of the model before any
@@ -156,7 +157,8 @@ def test_npo_sam(benchmark, record, perf_world, objective):
     benchmark.group = NPO_GROUPS[objective]
     unit = _npo_unit(perf_world, objective, "npo_sam")
     _measure(benchmark, record, f"npo_sam[{objective}]", unit, close=False)
-    _paired_with_npo_cached(record, perf_world, objective, f"npo_sam[{objective}]", unit)
+    if benchmark.enabled:
+        _paired_with_npo_cached(record, perf_world, objective, f"npo_sam[{objective}]", unit)
     unit.close()
 
 
