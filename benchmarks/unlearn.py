@@ -127,14 +127,18 @@ PAPER_PRESET: dict[str, Any] = {
     "mixed_precision": "no", "max_grad_norm": 1.0, "seed": 0, "answer_view": False, "utility_threshold": 0.9,
 }
 
-#: The embedded world's tiny target (4 layers, 128 wide, 20 forget articles): lr 1e-4 moves
+#: The embedded world's tiny target (4 layers, 128 wide, 20 forget articles): lr 3e-4 moves
 #: it within a few epochs (the paper's 1e-5 barely does in 10), and its facts are unlearned
-#: from both views it learned them from (``answer_view``). The defenses' own settings (β, ρ,
+#: from both views it learned them from (``answer_view``). Examples are 32-token windows, about
+#: one Question/Answer block: NPO's loss is on *sequence* log-likelihoods and saturates once a
+#: sequence is unlikely, which on a whole 250-token article a few crushed tokens achieve --
+#: measured: the forget loss reached 0.0 while KnowMem-forget stayed at 98. Short windows make
+#: every fact's sequence count on its own. The defenses' own settings (β, ρ,
 #: weights) stay the paper's; a defense may refine them with its class attribute
 #: ``world_settings``. results/world/unlearn/ holds the runs behind these numbers and the
 #: trade-off they measure.
 WORLD_PRESET: dict[str, Any] = {
-    "lr": 1e-4, "epochs": 10, "batch_size": 4, "grad_accum": 1, "max_length": 512,
+    "lr": 3e-4, "epochs": 10, "batch_size": 4, "grad_accum": 1, "max_length": 32,
     "mixed_precision": "no", "max_grad_norm": 1.0, "seed": 0, "answer_view": True, "utility_threshold": 0.9,
 }
 

@@ -281,7 +281,7 @@ def test_a_new_defense_is_one_registered_class(tiny_run, tmp_path):
     class Noisy(Defense):
         name = "noisy"
         config_class = NoisyConfig
-        world_settings = {"noise_std": 0.2, "lr": 3e-4}
+        world_settings = {"noise_std": 0.2, "lr": 5e-4}
 
         def forget_loss(self, model, forget):
             raise NotImplementedError
@@ -296,7 +296,7 @@ def test_a_new_defense_is_one_registered_class(tiny_run, tmp_path):
     request = unlearn.plan_request(args, registry)
     assert isinstance(request.defense, Noisy) and request.defense.config.noise_std == 0.5
     world = unlearn.preset_settings("noisy", "world", registry)
-    assert world["noise_std"] == 0.2 and world["lr"] == 3e-4  # its calibrated world settings
+    assert world["noise_std"] == 0.2 and world["lr"] == 5e-4 != unlearn.WORLD_PRESET["lr"]  # its calibrated world settings
     assert unlearn.preset_settings("noisy", "paper", registry)["noise_std"] == 0.01
     args = parser.parse_args(_argv(tiny_run, tmp_path / "o", "--defense", "npo", "--noise-std", "0.5"))
     with pytest.raises(UsageError, match="--noise-std does not apply to defense 'npo'.*noisy"):
