@@ -61,10 +61,11 @@ PAPER_PRESET = {
     "eval_batch_size": 16,
 }
 
-#: The embedded world, calibrated on an NPO-unlearned world target (KnowMem-forget 27 against the
-#: target's 57): full fine-tuning at lr 3e-4 brings KnowMem-forget on the held-out half V from 26
-#: to 41 within 20 steps while the retrain model, which never saw the facts, stays at 0 and
-#: KnowMem-retain holds; LoRA (rank 8 on q/v of a 128-wide model) needs lr 3e-3 for the same.
+#: The embedded world: full fine-tuning at lr 3e-4 for 30 steps takes the world's NPO model from
+#: KnowMem-forget 54.5 to 72.5 (mean of seeds 0-2; T's questions from 57 to 86) while the retrain
+#: model, which never saw the facts, stays at 0 and KnowMem-retain holds within a few points
+#: (results/world/world-target/); LoRA (rank 8 on q/v of a 128-wide model) needs lr 3e-3 to move
+#: the model as far.
 #: The documents are also shown in the world's answer view (as its models were trained), and
 #: the whole default command stays within minutes on two CPU cores. Half the forget articles
 #: go to the attacker (T), half are held out (V).

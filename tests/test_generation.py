@@ -1,5 +1,6 @@
 """Batched greedy generation: same strings as an uncached one-by-one reference, for any
-batch size; prompts keep their end when too long; generation stops at EOS."""
+batch size; prompts keep their end when too long; generation stops at EOS and at stop
+strings."""
 
 from __future__ import annotations
 
@@ -104,6 +105,30 @@ def test_generation_stops_at_eos(tiny_tokenizer):
     [output, other] = greedy_generate(model, tiny_tokenizer, [prompt, PROMPTS[2]], max_new_tokens=6)
     assert output == tiny_tokenizer.decode(full[:2])
     assert other  # the other row keeps going
+
+
+def _first_cut(text: str, stops) -> str:
+    positions = [text.find(stop) for stop in stops if stop in text]
+    return text[: min(positions)] if positions else text
+
+
+def test_a_row_stops_at_its_first_stop_string_and_the_cut_text_is_unchanged(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    prompts, new_tokens = PROMPTS[:6], 16
+    full = [reference_tokens(model, tokenizer(p)["input_ids"], new_tokens, tokenizer.eos_token_id) for p in prompts]
+    # Stop strings taken from what the model writes, so that some rows meet one early, some late.
+    texts = [tokenizer.decode(tokens) for tokens in full]
+    stops = (texts[0][3:5], texts[1][-3:-1])
+    for batch_size in (1, 6):
+        outputs = greedy_generate(model, tokenizer, prompts, new_tokens, batch_size, stop_strings=stops)
+        for tokens, output in zip(full, outputs):
+            # Expected: the shortest prefix of the full greedy output whose text holds a stop string.
+            expected = next((tokenizer.decode(tokens[:k]) for k in range(1, len(tokens) + 1)
+                             if any(stop in tokenizer.decode(tokens[:k]) for stop in stops)),
+                            tokenizer.decode(tokens))
+            assert output == expected
+            assert _first_cut(output, stops) == _first_cut(tokenizer.decode(tokens), stops)
+    assert sum(len(o) < len(t) for o, t in zip(outputs, texts)) >= 2, "the test needs rows that stop early"
 
 
 def test_long_prompt_keeps_its_end(tiny_tokenizer):

@@ -56,7 +56,8 @@ class GenerationItem:
     reference: str
     score: float
     doc_id: Any = None
-    # KnowMem only: the decoded output before it was cut at ANSWER_STOPS.
+    # KnowMem only: the decoded output before it was cut at ANSWER_STOPS (generation stops
+    # once it holds one, so it ends with the first stop string).
     raw_generation: str | None = None
 
 
@@ -177,7 +178,8 @@ def knowmem(
     ]
     prompts = [knowmem_prompt(icl, _field(r, "question", "knowmem")) for r in qa_records]
     answers = [str(_field(r, "answer", "knowmem")) for r in qa_records]
-    outputs = greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
+    # Generation stops once an answer is cut (the cut answer is unchanged, see generation.py).
+    outputs = greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress, ANSWER_STOPS)
     items = []
     for record, prompt, answer, output in zip(qa_records, prompts, answers, outputs):
         generation = truncate_answer(output)
