@@ -16,8 +16,8 @@ stops once its decoded continuation contains one of the ``stop_strings`` it is g
 batch ends when every row has stopped (or reached ``max_new_tokens``). The cut answer is the
 same as without stopping: the decoded text up to the stop string does not change when more
 tokens follow, and no stop string lies inside another, so the first one to appear is the
-first one in the full output. Without it a batch runs for its longest row, while one prompt at
-a time would have ended each prompt at EOS: batched decoding lost most of its advantage.
+first one in the full output. Without stopping, a batch runs until its longest row ends, while
+one prompt at a time ends each prompt at its own EOS, which cancels most of what batching gains.
 """
 
 from __future__ import annotations
