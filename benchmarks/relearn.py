@@ -64,8 +64,9 @@ PAPER_PRESET = {
 #: The embedded world: full fine-tuning at lr 3e-4 for 30 steps takes the world's NPO model from
 #: KnowMem-forget 54.5 to 72.5 (mean of seeds 0-2; T's questions from 57 to 86) while the retrain
 #: model, which never saw the facts, stays at 0 and KnowMem-retain holds within a few points
-#: (results/world/world-target/); LoRA (rank 8 on q/v of a 128-wide model) needs lr 3e-3 to move
-#: the model as far.
+#: (results/world/world-target/). LoRA (rank 8 on q/v of a 128-wide model) gets lr 3e-3, ten
+#: times as high, and still moves less: `--attack lora --seeds 0` takes the NPO model from 54.5
+#: to 62.5, where full fine-tuning with seed 0 reaches 71.4.
 #: The documents are also shown in the world's answer view (as its models were trained), and
 #: the whole default command stays within minutes on two CPU cores. Half the forget articles
 #: go to the attacker (T), half are held out (V).
