@@ -207,6 +207,9 @@ class Attack:
 
     name: str = ""
     config_class: type[AttackConfig] = AttackConfig
+    #: Whether only float32 parameters added by :meth:`prepare` train (then the base weights
+    #: may be loaded in bf16; see ``benchmarks.core.precision``).
+    trains_adapters_only: bool = False
 
     def __init__(self, config: AttackConfig | None = None) -> None:
         self.config = config if config is not None else self.config_class()

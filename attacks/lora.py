@@ -54,6 +54,7 @@ class LoraAttack(Attack):
 
     name = "lora"
     config_class = LoraAttackConfig
+    trains_adapters_only = True  # peft keeps the adapters in float32 on a bf16 base
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         from peft import LoraConfig, get_peft_model

@@ -433,8 +433,10 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
     if defenses:
         base = "world/target" if world else model_ref
         for name in defenses:
-            roles.append(Role(name, "defended", None, defense=name,
-                              defense_config=_defense_settings(name, preset_name), base=base))
+            settings = _defense_settings(name, preset_name)
+            if args.mixed_precision is not None:  # precision is the run's: defenses train in it too
+                settings["mixed_precision"] = config.mixed_precision
+            roles.append(Role(name, "defended", None, defense=name, defense_config=settings, base=base))
     else:
         if world:
             raise UsageError("--defense none needs --model (the world's target is not unlearned)")
@@ -442,6 +444,10 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
         if label in ("target", "retrain"):
             raise UsageError(f"--label {label!r} is taken by a baseline; choose another")
         roles.append(Role(label, "attacked", model_ref))
+    from benchmarks.core.precision import check_training_dtype
+
+    check_training_dtype(dtype, bool(defenses), "defense " + ",".join(defenses))
+    check_training_dtype(dtype, not attack_cls.trains_adapters_only, f"attack {args.attack}")
     if args.label and defenses:
         raise UsageError("--label names a model attacked with --defense none; defended models are named by defense")
     if not world and args.data == WORLD and not args.retrain_model and not args.no_baselines:
@@ -528,8 +534,8 @@ def format_plan(plan: Plan) -> str:
                      "reported as such, never guessed")
     if not plan.world and plan.attack == "finetune" and plan.dtype == "float32":
         notes.append("full fine-tuning in float32 holds weights, gradients and two AdamW moments (16 bytes per "
-                     "parameter); for a 7B model on one GPU use --attack lora, or --dtype bfloat16 "
-                     "--mixed-precision bf16")
+                     "parameter); for a 7B model on one GPU use --attack lora (with --dtype bfloat16 if you like); "
+                     "--mixed-precision bf16 speeds up compute and keeps float32 master weights")
     from benchmarks.world import cache_root
 
     models = {r.label: r.describe() for r in plan.roles}
@@ -847,6 +853,7 @@ def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict
                  trajectories: dict, timings: dict, retrain_auc: float | None) -> dict:
     """The result dict (schema of :mod:`benchmarks.core.results`)."""
     from benchmarks.core.metrics import KNOWMEM_MAX_NEW_TOKENS, MUSE_NEWS_RETRAIN_AUC_SOURCE, VERBMEM_MAX_NEW_TOKENS
+    from benchmarks.core.precision import precision_record
     from benchmarks.core.recovery import DEFINITIONS, curves_and_summary, point_values
     from benchmarks.core.results import HIGHER_IS_BETTER, SCHEMA_VERSION, environment_info
 
@@ -892,6 +899,7 @@ def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict
         "created": meta["created"],
         "status": status,
         "model": {"id": plan.model_id, "revision_or_hash": meta.get("model_hash"), "dtype": plan.dtype},
+        "precision": precision_record(plan.dtype, plan.attack_config.mixed_precision),
         "defense": defense,
         "attack": {
             "name": plan.attack,

@@ -7,7 +7,7 @@ Examples::
 
     # a MUSE-News target on a local copy, the NPO+SAM paper's settings (the default preset)
     python -m benchmarks.unlearn --model muse-bench/MUSE-news_target --data ../muse-news \\
-        --defense npo_sam --mixed-precision bf16 --dtype bfloat16 --out ckpt/news-npo-sam
+        --defense npo_sam --mixed-precision bf16 --out ckpt/news-npo-sam
 
     # several processes or GPUs: the same command under accelerate
     accelerate launch --num_processes 2 -m benchmarks.unlearn --defense npo --out ckpt/npo
@@ -309,6 +309,7 @@ def unlearn(
     import torch
 
     from benchmarks.core.models import context_length
+    from benchmarks.core.precision import PrecisionView
     from benchmarks.core.training import make_accelerator, steps_per_epoch, train
     from defenses.data import ForgetRetainDataset, reference_loader, tokenize_texts, training_loader
 
@@ -348,7 +349,7 @@ def unlearn(
         model,
         accelerator.prepare_data_loader(reference_loader(forget, tokenizer, config.batch_size)),
         len(forget),
-        accelerator,
+        PrecisionView(accelerator, train_config.mixed_precision),  # log π_ref in the training's precision
     )
     outcome.timings["reference"] = time.perf_counter() - started
 
@@ -690,6 +691,9 @@ def plan_request(args: argparse.Namespace, registry=None) -> Request:
     config = UnlearnConfig(**{k: settings[k] for k in _TRAINING_KEYS})
     defense = cls(cls.config_class(**{k: settings[k] for k in defense_keys}))
 
+    from benchmarks.core.precision import check_training_dtype
+
+    check_training_dtype(args.dtype, True, f"defense {args.defense}")
     if args.eval_batch_size < 1:
         raise UsageError(f"--eval-batch-size must be at least 1, got {args.eval_batch_size}")
     if args.threads is not None and args.threads < 1:

@@ -132,6 +132,7 @@ def test_dry_run_as_a_command_exits_zero(tmp_path):
         (["--relearn-docs", "lots"], "--relearn-docs must be a count"),
         (["--seeds", "0,x"], "--seeds must be comma-separated integers"),
         (["--lora-rank", "4"], "--lora-rank applies to the lora attack only"),
+        (["--dtype", "bfloat16"], "attack finetune trains every weight, and --dtype bfloat16"),
     ],
 )
 def test_bad_input_fails_with_a_reason_before_any_model_loads(tmp_path, muse_dir, gpt2_dir, no_model_loading,

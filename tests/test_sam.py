@@ -120,16 +120,26 @@ def test_parameters_restored_exactly_and_perturbed_in_between(tiny_model, tiny_t
     assert shift.item() == pytest.approx(0.05, rel=1e-4)
 
 
-@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
-def test_restoration_is_exact_under_bf16_autocast(tiny_model, tiny_tokenizer, param_dtype):
-    tiny_model.to(param_dtype)
+def test_restoration_is_exact_under_bf16_autocast(tiny_model, tiny_tokenizer):
     defense = _npo(tiny_model, tiny_tokenizer, sam_rho=0.01)
     before = [p.detach().clone() for p in tiny_model.parameters()]
     step = sam_step(defense.forget_term, defense.retain_term_loss, rho=0.01)
     stats = step(tiny_model, _micro_batches(tiny_tokenizer, 2), _Accelerator(torch.bfloat16))
     assert all(torch.equal(a, b) for a, b in zip(before, tiny_model.parameters()))
-    assert all(p.dtype == param_dtype and p.grad.dtype == param_dtype for p in tiny_model.parameters())
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in tiny_model.parameters())
     assert torch.isfinite(torch.tensor(stats["loss"]))
+
+
+def test_bf16_weights_are_refused_before_the_perturbation(tiny_model, tiny_tokenizer):
+    from benchmarks.core.precision import PrecisionError
+
+    tiny_model.to(torch.bfloat16)
+    defense = _npo(tiny_model, tiny_tokenizer, sam_rho=0.01)
+    before = [p.detach().clone() for p in tiny_model.parameters()]
+    step = sam_step(defense.forget_term, defense.retain_term_loss, rho=0.01)
+    with pytest.raises(PrecisionError, match="float32"):
+        step(tiny_model, _micro_batches(tiny_tokenizer, 2), _Accelerator(torch.bfloat16))
+    assert all(torch.equal(a, b) for a, b in zip(before, tiny_model.parameters()))
 
 
 def test_perturbation_has_norm_rho_and_zero_gradient_gives_none(tiny_model):

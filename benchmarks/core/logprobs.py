@@ -12,17 +12,67 @@ import torch
 import torch.nn.functional as F
 
 
-def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+#: Rows of logits turned into float32 at a time: 2**24 entries (64 MB) whatever the
+#: vocabulary, e.g. 130 positions at Llama-3's 128256 tokens.
+CHUNK_ENTRIES = 1 << 24
+
+
+def _chunks(logits: torch.Tensor, chunk_entries: int):
+    """``(b, start, end)`` covering positions 0..T-2 of every row, ``end - start`` bounded so
+    that a float32 copy of ``logits[b, start:end]`` holds about ``chunk_entries`` numbers."""
+    batch, length, vocab = logits.shape
+    step = max(1, chunk_entries // vocab)
+    for b in range(batch):
+        for start in range(0, length - 1, step):
+            yield b, start, min(start + step, length - 1)
+
+
+class _TokenLogps(torch.autograd.Function):
+    """log p(x_t | x_<t) = z_t[x_t] − logsumexp(z_t), one chunk of positions at a time.
+
+    ``F.cross_entropy`` on ``logits.float()`` would hold a float32 copy of all logits and keep
+    its full-vocabulary log-softmax for the backward pass (about 4 GB at batch 4 × 2048 tokens
+    × 128k vocabulary, on top of the logits). Here the forward keeps only the per-position
+    logsumexp, and the backward recomputes each chunk's softmax: ∂/∂z_t = g_t (onehot(x_t) −
+    softmax(z_t)), written straight into a gradient in the logits' own dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, chunk_entries):
+        batch, length, _ = logits.shape
+        out = torch.empty((batch, length - 1), dtype=torch.float32, device=logits.device)
+        lse = torch.empty_like(out)
+        for b, start, end in _chunks(logits, chunk_entries):
+            chunk = logits[b, start:end].float()
+            lse[b, start:end] = torch.logsumexp(chunk, dim=-1)
+            out[b, start:end] = chunk.gather(-1, targets[b, start:end, None]).squeeze(-1) - lse[b, start:end]
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.chunk_entries = chunk_entries
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, targets, lse = ctx.saved_tensors
+        grad = torch.zeros_like(logits)  # the last position predicts nothing: its gradient is 0
+        for b, start, end in _chunks(logits, ctx.chunk_entries):
+            g = grad_out[b, start:end, None].float()
+            chunk = -torch.exp(logits[b, start:end].float() - lse[b, start:end, None]) * g
+            chunk.scatter_add_(-1, targets[b, start:end, None], g)
+            grad[b, start:end] = chunk.to(grad.dtype)
+        return grad, None, None
+
+
+def token_logps(logits: torch.Tensor, input_ids: torch.Tensor, chunk_entries: int = CHUNK_ENTRIES) -> torch.Tensor:
     """log p(x_t | x_<t) for t = 1..T-1: shape ``[B, T-1]`` (first token has no prediction).
 
     Computed in float32 whatever the logits' dtype, so bf16 runs do not lose the small
-    differences NPO works with.
+    differences NPO works with, but never as a float32 copy of the whole ``[B, T, V]``
+    logits: see :class:`_TokenLogps` (the same numbers as a float32 log-softmax, to rounding).
     """
-    logits = logits[:, :-1, :].float()
-    targets = input_ids[:, 1:]
-    return -F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none"
-    ).view_as(targets)
+    targets = input_ids[:, 1:].contiguous()
+    if logits.shape[1] < 2:
+        return torch.zeros(targets.shape, dtype=torch.float32, device=logits.device)
+    return _TokenLogps.apply(logits, targets, chunk_entries)
 
 
 def target_mask(attention_mask: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:

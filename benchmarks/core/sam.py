@@ -18,8 +18,10 @@ Gradient accumulation: the perturbation comes from the gradient accumulated over
 micro-batches of the step (the gradient of the step's whole batch), and the second pass again
 runs over all of them, so k micro-batches behave as one k-times-larger batch (for losses that
 average over examples; with equal micro-batches for any loss). Mixed precision: every forward
-runs under ``accelerator.autocast()``; ε is computed in float32 and added in each parameter's
-own dtype, and restoration copies the saved parameters back bit for bit. Under several
+runs under ``accelerator.autocast()`` (bf16 compute) while the weights stay float32, so ε is
+added to float32 numbers; :func:`perturb` refuses weights in bf16, where an ε of about 1e-7 per
+entry at 7B would round away and NPO+SAM silently become NPO (see
+``benchmarks.core.precision``). Restoration copies the saved parameters back bit for bit. Under several
 processes the gradient is all-reduced once per pass, so every process perturbs by the same ε.
 """
 
@@ -31,6 +33,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
+
+from benchmarks.core.precision import check_trainable
 
 LossFn = Callable[[torch.nn.Module, Any], "torch.Tensor | tuple[torch.Tensor, dict[str, float]]"]
 
@@ -89,8 +93,10 @@ def perturb(params: Sequence[torch.nn.Parameter], rho: float) -> Perturbation:
     and clear ``.grad`` for the second pass.
 
     ‖g‖₂ is the global norm over all trainable parameters (one vector, as in the paper).
-    A zero gradient (or ρ = 0) gives ε = 0 rather than a division by zero.
+    A zero gradient (or ρ = 0) gives ε = 0 rather than a division by zero. Trainable
+    parameters that are not float32 are refused (:class:`~benchmarks.core.precision.PrecisionError`).
     """
+    check_trainable(params, "SAM's perturbation")
     grads = [p.grad for p in params if p.grad is not None]
     if grads:
         grad_norm = torch.linalg.vector_norm(
@@ -104,8 +110,7 @@ def perturb(params: Sequence[torch.nn.Parameter], rho: float) -> Perturbation:
         if p.grad is None:
             continue
         if scale:
-            # ε in float32, then added in the parameter's own dtype.
-            p.add_((p.grad.float() * scale).to(p.dtype))
+            p.add_(p.grad.float() * scale)
         p.grad.zero_()
     return Perturbation(saved=saved, grad_norm=grad_norm, scale=scale)
 

@@ -22,11 +22,11 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from benchmarks.core.errors import TrainingDiverged, UsageError
+from benchmarks.core.precision import MIXED_PRECISION, PrecisionView, check_trainable, process_accelerator
 
 logger = logging.getLogger(__name__)
 
 SCHEDULES = ("constant", "linear", "cosine")
-MIXED_PRECISION = ("no", "bf16")
 
 StepFn = Callable[[torch.nn.Module, list, Any], dict]
 Hook = Callable[[int, torch.nn.Module], None]
@@ -79,11 +79,10 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
-def make_accelerator(config: TrainConfig):
-    """An ``Accelerator`` for this run (CPU, one GPU, or whatever ``accelerate launch`` set up)."""
-    from accelerate import Accelerator
-
-    return Accelerator(mixed_precision=config.mixed_precision)
+def make_accelerator(config: TrainConfig | None = None):
+    """The process's one ``Accelerator`` (see :mod:`benchmarks.core.precision`); a training's
+    precision is its ``TrainConfig.mixed_precision``, applied by :func:`train`."""
+    return process_accelerator()
 
 
 def plain_step(loss_fn: Callable) -> StepFn:
@@ -199,13 +198,27 @@ def train(
     the same order on every pass (no sampler drawing from the global RNG).
     """
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
     set_seed(config.seed)
-    accelerator = accelerator or make_accelerator(config)
+    accelerator = accelerator or process_accelerator()
     trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     if not trainable:
         raise UsageError("the model has no trainable parameters")
+    check_trainable(trainable)  # float32 master weights, or a one-line refusal
+    try:
+        return _train(model, batches, step_fn, config, trainable, PrecisionView(accelerator, config.mixed_precision),
+                      hook=hook, hook_steps=hook_steps, epoch_hook=epoch_hook, state_hook=state_hook,
+                      resume_state=resume_state)
+    finally:
+        # The accelerator outlives this training: drop its references to what was prepared
+        # here, or every model a run trains would stay in memory.
+        accelerator.free_memory()
+
+
+def _train(model, batches, step_fn, config, trainable, accelerator, *, hook, hook_steps, epoch_hook, state_hook,
+           resume_state) -> TrainResult:
+    from tqdm.auto import tqdm
+
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     model, optimizer, batches = accelerator.prepare(model, optimizer, batches)
     if config.max_steps is not None:
