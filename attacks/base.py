@@ -16,7 +16,7 @@ loop (:func:`benchmarks.core.training.train`); evaluation milestones are its hoo
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -242,6 +242,7 @@ class Attack:
         state_hook: Callable[[int, dict], None] | None = None,
         resume_state: dict | None = None,
         progress: bool = True,
+        gradient_checkpointing: bool = False,
     ) -> TrainResult:
         """Fine-tune the *prepared* ``model`` on ``documents`` for ``config.steps`` steps.
 
@@ -259,7 +260,7 @@ class Attack:
             model,
             loader,
             plain_step(lm_loss),
-            self.config.train_config(seed, progress),
+            replace(self.config.train_config(seed, progress), gradient_checkpointing=gradient_checkpointing),
             hook=hook,
             hook_steps=hook_steps,
             params=params,

@@ -160,10 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where a running run keeps its resume state (default: the cache, keyed by the plan)")
     output.add_argument("--no-checkpoints", action="store_true",
                         help="keep no weights at milestones (a resumed run then restarts the attack it was in)")
+    output.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
+                        help="write a resume checkpoint at a milestone only when at least STEPS attack steps passed "
+                             "since the last one (default 0: at every milestone; only the latest is kept)")
     output.add_argument("--dry-run", action="store_true", help="print the full plan and exit without loading anything")
 
     misc = parser.add_argument_group("machine")
     misc.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    misc.add_argument("--gradient-checkpointing", action="store_true",
+                      help="recompute activations in the backward pass of defenses and attacks (less memory, "
+                           "same numbers)")
     misc.add_argument("--no-progress", action="store_true", help="no progress bars")
     misc.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
@@ -218,6 +224,8 @@ class Plan:
     checkpoints: bool
     progress: bool
     notes: list[str] = field(default_factory=list)
+    gradient_checkpointing: bool = False  # memory only: the numbers, and so the plan's key, do not change
+    checkpoint_every: int = 0
 
     def identity(self) -> dict:
         """What determines the numbers (hashes into the resume key): not where files go."""
@@ -389,6 +397,8 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
         raise UsageError(f"--eval-batch-size must be >= 1, got {eval_batch_size}")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    if args.checkpoint_every < 0:
+        raise UsageError(f"--checkpoint-every must be >= 0 steps, got {args.checkpoint_every}")
     dtype = args.dtype or preset["dtype"]
 
     # ---- the models
@@ -501,6 +511,8 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
         checkpoints=not args.no_checkpoints,
         progress=not args.no_progress,
         notes=notes,
+        gradient_checkpointing=args.gradient_checkpointing,
+        checkpoint_every=args.checkpoint_every,
     )
     state_root = Path(args.state_dir) if args.state_dir else _default_state_root()
     _check_writable_dir(state_root, "--state-dir")
@@ -565,7 +577,8 @@ def format_plan(plan: Plan) -> str:
             "model_evaluations": len(plan.roles) * (1 + len(plan.seeds) * (len(plan.milestones) - 1)),
         },
         "output": {**dict(zip(("yaml", "png"), map(str, plan.output_paths("<run id>")))),
-                   "resume_state": str(plan.state_dir), "checkpoints_at_milestones": plan.checkpoints},
+                   "resume_state": str(plan.state_dir), "checkpoints_at_milestones": plan.checkpoints,
+                   "checkpoint": _checkpoint_estimate(plan)},
     }
 
     class Dumper(yaml.SafeDumper):
@@ -581,6 +594,26 @@ def format_plan(plan: Plan) -> str:
     return "dry run: nothing was loaded.\n" + "".join(f"note: {n}\n" for n in notes) + text
 
 
+def _checkpoint_estimate(plan: Plan) -> str:
+    """The size of one resume checkpoint (only the latest of the trajectory in progress is kept)."""
+    from attacks import ATTACKS
+    from benchmarks.core.checkpoints import estimate_checkpoint_bytes, format_bytes
+    from benchmarks.core.footprint import model_size
+
+    if not plan.checkpoints:
+        return "off (--no-checkpoints)"
+    ref = plan.model_ref
+    if ref is None and plan.world:
+        world_dir, world_state = _world_status()
+        ref = f"{world_dir}/target" if world_state == "cached" else None
+    size = model_size(ref, ATTACKS.get(plan.attack)(plan.attack_config).prepare) if ref else None
+    spacing = f"every {plan.checkpoint_every}+ steps" if plan.checkpoint_every else "at every milestone"
+    if size is None:
+        return f"12 bytes per trainable parameter (model config not readable now), {spacing}, latest only"
+    return (f"{format_bytes(estimate_checkpoint_bytes(size.trainable))} ({size.trainable:,} trainable parameters "
+            f"x 12 bytes: float32 weights and AdamW's two moments), {spacing}, latest only")
+
+
 # --------------------------------------------------------------------------- resume state
 
 
@@ -589,9 +622,11 @@ class RunState:
     milestone checkpoint of the trajectory in progress. Every file is written to a temporary
     name and renamed, so a kill at any moment leaves the last complete version."""
 
-    def __init__(self, directory: Path, checkpoints: bool) -> None:
+    def __init__(self, directory: Path, checkpoints: bool, checkpoint_every: int = 0) -> None:
         self.directory = directory
         self.checkpoints = checkpoints
+        self.checkpoint_every = checkpoint_every  # steps at least between two checkpoints
+        self._last_saved: dict[str, int] = {}
 
     def exists(self) -> bool:
         return (self.directory / "run.json").is_file()
@@ -619,25 +654,32 @@ class RunState:
 
     def finish(self, seed: int, label: str, record: dict) -> None:
         self._write_json(f"{self._name(seed, label)}.json", record)
-        (self.directory / f"{self._name(seed, label)}.pt").unlink(missing_ok=True)
+        shutil.rmtree(self.directory / f"{self._name(seed, label)}.ckpt", ignore_errors=True)
 
     def checkpoint(self, seed: int, label: str) -> dict | None:
-        import torch
+        """The trajectory's latest checkpoint (safetensors and JSON; see
+        :mod:`benchmarks.core.checkpoints`), or None."""
+        from benchmarks.core.checkpoints import load_resume_checkpoint
 
-        path = self.directory / f"{self._name(seed, label)}.pt"
-        if not path.is_file():
+        loaded = load_resume_checkpoint(self.directory / f"{self._name(seed, label)}.ckpt")
+        if loaded is None:
             return None
-        return torch.load(path, map_location="cpu", weights_only=False)
+        weights, loop_state, extra = loaded
+        self._last_saved[self._name(seed, label)] = loop_state["step"]
+        return {"trainable_state": weights, "loop_state": loop_state, "curve": extra["curve"]}
 
     def save_checkpoint(self, seed: int, label: str, payload: dict) -> None:
-        import torch
+        """Replace the trajectory's checkpoint (only the latest is kept), unless checkpoints
+        are off or fewer than ``checkpoint_every`` steps passed since the last one."""
+        from benchmarks.core.checkpoints import format_bytes, save_resume_checkpoint
 
-        if not self.checkpoints:
+        name, step = self._name(seed, label), payload["loop_state"]["step"]
+        if not self.checkpoints or step - self._last_saved.get(name, 0) < self.checkpoint_every:
             return
-        path = self.directory / f"{self._name(seed, label)}.pt"
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        size = save_resume_checkpoint(self.directory / f"{name}.ckpt", payload["trainable_state"],
+                                      payload["loop_state"], {"curve": payload["curve"]})
+        self._last_saved[name] = step
+        logger.info("%s: checkpoint at step %d (%s)", name, step, format_bytes(size))
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
@@ -684,7 +726,8 @@ def _prepare_models(plan: Plan, data, timings: dict) -> tuple[dict[str, dict], s
 
             with timed(timings, "defense"):
                 role.ref = str(unlearn.unlearn_cached(role.base, role.defense, role.defense_config, data,
-                                                      dtype=plan.dtype, progress=plan.progress))
+                                                      dtype=plan.dtype, progress=plan.progress,
+                                                      gradient_checkpointing=plan.gradient_checkpointing))
         records[role.label] = {
             "kind": role.kind,
             "checkpoint": role.ref,
@@ -756,6 +799,7 @@ def _attack_one(plan: Plan, role: Role, seed: int, texts: list[str], evalset, st
         result = attack.run(
             model, tokenizer, texts, seed=seed, hook=hook, hook_steps=plan.milestones,
             state_hook=state_hook, resume_state=resume_state, progress=plan.progress,
+            gradient_checkpointing=plan.gradient_checkpointing,
         )
         history = result.history
     except TrainingDiverged as err:
@@ -792,7 +836,7 @@ def execute(plan: Plan) -> dict:
     evalset = EvalSet.from_data(data, privleak=plan.privleak)
     timings["data"] = time.perf_counter() - began
 
-    state = RunState(plan.state_dir, plan.checkpoints)
+    state = RunState(plan.state_dir, plan.checkpoints, plan.checkpoint_every)
     if plan.resume and state.exists() and state.meta().get("plan_key") == plan.key():
         meta = state.meta()
         logger.info("resuming run %s from %s", meta["run_id"], plan.state_dir)
@@ -899,7 +943,8 @@ def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict
         "created": meta["created"],
         "status": status,
         "model": {"id": plan.model_id, "revision_or_hash": meta.get("model_hash"), "dtype": plan.dtype},
-        "precision": precision_record(plan.dtype, plan.attack_config.mixed_precision),
+        "precision": {**precision_record(plan.dtype, plan.attack_config.mixed_precision),
+                      "gradient_checkpointing": plan.gradient_checkpointing},
         "defense": defense,
         "attack": {
             "name": plan.attack,

@@ -49,7 +49,7 @@ import shutil
 import tempfile
 import time
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -302,6 +302,7 @@ def unlearn(
     evaluation: EvalPlan | None = EvalPlan(),
     accelerator=None,
     progress: bool = False,
+    gradient_checkpointing: bool = False,
 ) -> UnlearnOutcome:
     """Unlearn ``data``'s raw/forget split from ``model`` with ``defense`` (retain term on
     raw/retain1), in place. With ``evaluation``, the weights left in ``model`` are those of the
@@ -314,7 +315,7 @@ def unlearn(
     from defenses.data import ForgetRetainDataset, reference_loader, tokenize_texts, training_loader
 
     outcome = UnlearnOutcome()
-    train_config = config.train_config(progress=progress)
+    train_config = replace(config.train_config(progress=progress), gradient_checkpointing=gradient_checkpointing)
     accelerator = accelerator or make_accelerator(train_config)
 
     max_length = min(config.max_length, context_length(model))
@@ -501,6 +502,7 @@ def unlearn_cached(
     progress: bool = False,
     cache_dir: str | os.PathLike | None = None,
     evaluation: EvalPlan | None = EvalPlan(),
+    gradient_checkpointing: bool = False,
 ) -> Path:
     """The checkpoint of ``base_ref`` unlearned by ``defense`` with ``settings`` (default: the
     world preset for the world's data, else the paper's) on ``data`` (a source string or a
@@ -535,7 +537,8 @@ def unlearn_cached(
     started = time.perf_counter()
     model, tokenizer = load_model(base_ref, dtype)
     timings = {"load": time.perf_counter() - started}
-    outcome = unlearn(model, tokenizer, data, instance, config, evaluation=evaluation, progress=progress)
+    outcome = unlearn(model, tokenizer, data, instance, config, evaluation=evaluation, progress=progress,
+                      gradient_checkpointing=gradient_checkpointing)
     document = build_document(
         command=None, model_ref=base_ref, dtype=dtype, preset=preset, defense=instance, config=config,
         data=data, outcome=outcome, references={}, device=str(next(model.parameters()).device), timings=timings,
@@ -636,6 +639,8 @@ def build_parser(registry=None) -> argparse.ArgumentParser:
     run.add_argument("--retrain", default=None,
                      help="retrain model evaluated once as a reference row (default with the world: its retrain)")
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    run.add_argument("--gradient-checkpointing", action="store_true",
+                     help="recompute activations in the backward pass (less memory, same numbers)")
     run.add_argument("--progress", action="store_true", help="show a progress bar")
     run.add_argument("--verbose", action="store_true", help="debug logging")
     return parser
@@ -791,10 +796,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         timings["retrain_evaluation"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    model, tokenizer = load_model(model_ref, args.dtype)
+    model, tokenizer = load_model(model_ref, args.dtype, accelerator.device)
     timings["load"] = time.perf_counter() - started
     outcome = unlearn(model, tokenizer, data, request.defense, request.config,
-                      evaluation=request.evaluation, accelerator=accelerator, progress=args.progress)
+                      evaluation=request.evaluation, accelerator=accelerator, progress=args.progress,
+                      gradient_checkpointing=args.gradient_checkpointing)
     document = build_document(
         command=command, model_ref=model_ref, dtype=args.dtype, preset=request.preset, defense=request.defense,
         config=request.config, data=data, outcome=outcome, references=references,

@@ -228,6 +228,9 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_numbers(tmp_path, 
         relearn.main(_run_args(gpt2_dir, muse_dir, out, state, *extra))
     assert calls == [0, 0, 1]
     assert not out.exists() or not any(out.iterdir())  # no partial result file
+    checkpoints = list(state.rglob("*.ckpt"))  # the one trajectory in progress, in safetensors + JSON
+    assert len(checkpoints) == 1 and (checkpoints[0] / "weights.safetensors").is_file()
+    assert not list(state.rglob("*.pt"))
     monkeypatch.setattr(relearn.RunState, "save_checkpoint", original)
 
     assert relearn.main(_run_args(gpt2_dir, muse_dir, out, state, *extra, "--resume")) == 0
@@ -251,3 +254,24 @@ def test_muse_news_questions_without_doc_ids_report_held_out_recovery_as_unavail
     assert set(result["curves"]["gpt2-tiny"]["metrics"]) == {"knowmem_forget", "verbmem_forget", "knowmem_retain"}
     assert result["evaluation"]["heldout_questions"].startswith("unavailable: the questions carry no doc_id")
     assert result["attack"]["documents"] == {"forget": 889, "relearn": 2, "heldout": 887}
+
+
+def test_checkpoints_can_be_spaced_out(tmp_path):
+    import torch
+
+    from benchmarks.core.training import rng_state
+
+    param = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.AdamW([param])
+    run = relearn.RunState(tmp_path / "state", checkpoints=True, checkpoint_every=3)
+    run.start({"run_id": "x"})
+    kept = []
+    for step in (1, 2, 3, 4, 6, 7):
+        run.save_checkpoint(0, "npo", {
+            "trainable_state": {"w": torch.full((2,), float(step))}, "curve": {str(step): {}},
+            "loop_state": {"step": step, "optimizer": optimizer.state_dict(), "scheduler": {}, "rng": rng_state(),
+                           "history": []}})
+        kept.append(run.checkpoint(0, "npo")["loop_state"]["step"] if run.checkpoint(0, "npo") else None)
+    assert kept == [None, None, 3, 3, 6, 6]
+    run.finish(0, "npo", {"status": "complete"})
+    assert run.checkpoint(0, "npo") is None

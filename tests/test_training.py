@@ -99,3 +99,30 @@ def test_non_finite_loss_stops_with_the_step_named(tiny_model, tiny_tokenizer):
 def test_bad_settings_are_named(kwargs, word):
     with pytest.raises(UsageError, match=word):
         TrainConfig(**kwargs)
+
+
+def test_gradient_checkpointing_keeps_fewer_activations_and_gives_the_same_weights(tiny_tokenizer):
+    from benchmarks.core.models import TinyLlamaSpec, tiny_llama
+
+    data = _batches(tiny_tokenizer, n=4)
+    weights, kept = [], []
+    for checkpointing in (False, True):
+        model = tiny_llama(TinyLlamaSpec(), tiny_tokenizer, seed=0)
+        saved = [0]
+
+        def count(t):
+            saved[0] += t.numel()
+            return t
+
+        def loss(model, batch):
+            with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+                return _nll(model, batch)
+
+        cfg = TrainConfig(lr=1e-3, max_steps=2, progress=False, gradient_checkpointing=checkpointing)
+        train(model, DataLoader(data, batch_size=2), plain_step(loss), cfg)
+        weights.append(_params(model))
+        kept.append(saved[0])
+        assert not model.is_activation_checkpointing  # switched off again for evaluation
+    assert kept[1] < kept[0] / 2  # activations kept for the backward pass
+    for name, value in weights[0].items():
+        assert torch.allclose(value, weights[1][name], atol=1e-6), name

@@ -68,10 +68,10 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # Straight onto the device in the requested dtype: no float32 copy on the CPU first.
     model = AutoModelForCausalLM.from_pretrained(
-        ref, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
+        ref, dtype=resolve_dtype(dtype), device_map=torch.device(device), trust_remote_code=trust_remote_code
     )
-    model.to(device)
     model.eval()
     return model, tokenizer
 
