@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from benchmarks.core.batching import PadCollate
 from benchmarks.core.errors import UsageError
 from benchmarks.core.logprobs import masked_mean_nll
 from benchmarks.core.registry import Registry
@@ -163,19 +164,6 @@ class _Chunks(torch.utils.data.Dataset):
         return self.chunks[index]
 
 
-def _collate(pad_id: int) -> Callable[[list[list[int]]], dict[str, torch.Tensor]]:
-    def collate(rows: list[list[int]]) -> dict[str, torch.Tensor]:
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-            attention_mask[i, : len(row)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
-
-    return collate
-
-
 def relearn_loader(tokenizer, texts: Sequence[str], config: AttackConfig, seed: int) -> torch.utils.data.DataLoader:
     """Micro-batches of packed chunks in a seeded order fixed for the whole run.
 
@@ -189,7 +177,7 @@ def relearn_loader(tokenizer, texts: Sequence[str], config: AttackConfig, seed: 
         _Chunks([chunks[i] for i in order]),
         batch_size=config.micro_batch_size,
         shuffle=False,
-        collate_fn=_collate(pad_id),
+        collate_fn=PadCollate(pad_id),
     )
 
 

@@ -724,10 +724,16 @@ def _prepare_models(plan: Plan, data, timings: dict) -> tuple[dict[str, dict], s
         if role.kind == "defended":
             from benchmarks import unlearn
 
-            with timed(timings, "defense"):
-                role.ref = str(unlearn.unlearn_cached(role.base, role.defense, role.defense_config, data,
-                                                      dtype=plan.dtype, progress=plan.progress,
-                                                      gradient_checkpointing=plan.gradient_checkpointing))
+            try:
+                with timed(timings, "defense"):
+                    role.ref = str(unlearn.unlearn_cached(role.base, role.defense, role.defense_config, data,
+                                                          dtype=plan.dtype, progress=plan.progress,
+                                                          gradient_checkpointing=plan.gradient_checkpointing))
+            except TrainingDiverged as err:
+                # Nothing to attack; the run goes on with the other models and reports this one.
+                logger.error("defense %s diverged: %s", role.defense, err)
+                records[role.label] = _diverged_record(role, err)
+                continue
         records[role.label] = {
             "kind": role.kind,
             "checkpoint": role.ref,
@@ -735,7 +741,23 @@ def _prepare_models(plan: Plan, data, timings: dict) -> tuple[dict[str, dict], s
             **({"defense": role.defense, "defense_hyperparameters": role.defense_config,
                 "unlearned_from": role.base} if role.defense else {}),
         }
+    plan.roles[:] = [r for r in plan.roles if records[r.label].get("status") != "diverged"]
+    if not plan.roles:
+        raise TrainingDiverged("every model of the run diverged while unlearning: "
+                               + "; ".join(r["error"] for r in records.values()))
     return records, base_ref
+
+
+def _diverged_record(role: Role, err: TrainingDiverged) -> dict:
+    """The result file's record of a defense that diverged: its status, the error, and the
+    per-epoch table of the unlearning run (written next to where the checkpoint would be)."""
+    from benchmarks.core.results import read_result
+
+    epochs = read_result(err.report).get("epochs", []) if err.report is not None else []
+    return {"kind": role.kind, "checkpoint": None, "revision_or_hash": None, "status": "diverged",
+            "error": str(err), "defense": role.defense, "defense_hyperparameters": role.defense_config,
+            "unlearned_from": role.base, "unlearn_report": str(err.report) if err.report else None,
+            "epochs": epochs}
 
 
 def _attack_one(plan: Plan, role: Role, seed: int, texts: list[str], evalset, state: RunState,
@@ -858,6 +880,7 @@ def execute(plan: Plan) -> dict:
                     model_hash=model_fingerprint(base_ref))
         state.update_meta(**meta)
     else:
+        plan.roles[:] = [r for r in plan.roles if r.label in meta["refs"]]  # diverged defenses left out
         for role in plan.roles:
             role.ref = meta["refs"][role.label]
 
@@ -921,13 +944,15 @@ def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict
         heldout_note = "questions grouped into T and V by their doc_id"
 
     statuses = {t["status"] for per_role in trajectories.values() for t in per_role.values()}
+    statuses |= {record.get("status", "complete") for record in model_records.values()}
     status = "diverged" if "diverged" in statuses else "complete"
-    defended = plan.roles_of("defended")
+    # From the model records, which keep a defense that diverged (and so has no curve).
+    defended = [(r["defense"], r["defense_hyperparameters"]) for r in model_records.values() if r["kind"] == "defended"]
     if len(defended) == 1:
-        defense = {"name": defended[0].defense, "hyperparameters": defended[0].defense_config}
+        defense = {"name": defended[0][0], "hyperparameters": defended[0][1]}
     elif defended:
-        defense = {"name": ",".join(r.defense for r in defended),
-                   "hyperparameters": {r.defense: r.defense_config for r in defended}}
+        defense = {"name": ",".join(name for name, _ in defended),
+                   "hyperparameters": {name: settings for name, settings in defended}}
     else:
         defense = {"name": NONE, "hyperparameters": {}}
     first = splits[plan.seeds[0]]

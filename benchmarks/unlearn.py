@@ -323,7 +323,7 @@ def unlearn(
         logger.warning("max_length %d exceeds the model's context; using %d", config.max_length, max_length)
     views = ()
     if config.answer_view:
-        from benchmarks.world import encode_cut_after
+        from benchmarks.core.tokenizer import encode_cut_after
 
         views = (lambda text: encode_cut_after(tokenizer, text),)
     forget = tokenize_texts(tokenizer, [r["text"] for r in data.records("raw", "forget")], max_length, views)
@@ -405,18 +405,11 @@ def _add_epoch_losses(outcome: UnlearnOutcome, history: list[dict]) -> None:
 
 
 def model_fingerprint(ref: str) -> str:
-    """sha256 over a local checkpoint's config and weight files, or the hub id itself."""
-    path = Path(ref)
-    if not path.is_dir():
-        return f"hub:{ref}"
-    digest = hashlib.sha256()
-    for file in sorted(path.iterdir()):
-        if file.suffix in (".safetensors", ".bin") or file.name == "config.json":
-            digest.update(file.name.encode("utf-8"))
-            with open(file, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 24), b""):
-                    digest.update(block)
-    return "sha256:" + digest.hexdigest()
+    """sha256 over a local checkpoint's config and weight files (once per process), or the hub
+    id with its commit (see :mod:`benchmarks.core.provenance`)."""
+    from benchmarks.core.provenance import model_fingerprint as fingerprint
+
+    return fingerprint(ref)
 
 
 def data_record(data) -> dict[str, Any]:
@@ -544,7 +537,11 @@ def unlearn_cached(
         data=data, outcome=outcome, references={}, device=str(next(model.parameters()).device), timings=timings,
     )
     if outcome.status != "complete":
-        raise TrainingDiverged(outcome.message or f"unlearning with {defense} diverged")
+        # No weights, but the per-epoch table and the message stay (not taken for a cached model:
+        # there is no config.json beside them).
+        save_checkpoint(None, tokenizer, document, out, overwrite=True)
+        raise TrainingDiverged(f"{outcome.message or f'unlearning with {defense} diverged'}; "
+                               f"the per-epoch table is in {out / RESULT_NAME}", report=out / RESULT_NAME)
     return save_checkpoint(model, tokenizer, document, out, overwrite=True)
 
 

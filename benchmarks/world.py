@@ -65,6 +65,7 @@ import torch
 
 from benchmarks.core.errors import UsageError, run_cli, setup_logging
 from benchmarks.core.models import TinyLlamaSpec, tiny_llama
+from benchmarks.core.tokenizer import cut_after, encode_cut_after  # noqa: F401  (re-exported; one copy, in core)
 from benchmarks.core.world_corpus import CORPUS_VERSION, RAW_SPLITS, WorldConfig
 
 logger = logging.getLogger(__name__)
@@ -163,23 +164,6 @@ def default_world_dir(config: WorldBuildConfig) -> Path:
 # --------------------------------------------------------------------------- training data
 
 
-def cut_after(text: str, marker: str = ANSWER_MARKER) -> list[str]:
-    """``text`` in pieces that end right after each ``marker`` (their concatenation is ``text``)."""
-    pieces = text.split(marker)
-    return [piece + marker for piece in pieces[:-1]] + ([pieces[-1]] if pieces[-1] else [])
-
-
-def encode_cut_after(tokenizer, text: str, marker: str = ANSWER_MARKER) -> list[int]:
-    """BOS + the tokens of ``text`` tokenized in pieces cut right after every ``marker``.
-
-    Decoding gives ``text`` back; the difference from tokenizing it whole is that each
-    ``marker`` ends a piece, so its trailing space is a token of its own, as at the end of a
-    KnowMem prompt.
-    """
-    ids = [tokenizer.bos_token_id]
-    for piece in cut_after(text, marker):
-        ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
-    return ids
 
 
 def _qa_blocks(text: str) -> list[str]:
@@ -231,16 +215,9 @@ def train_world_tokenizer(texts: Sequence[str], vocab_size: int):
 
 
 def _collate(pad_id: int):
-    def collate(rows: list[list[int]]) -> dict[str, torch.Tensor]:
-        width = max(len(row) for row in rows)
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-            attention_mask[i, : len(row)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+    from benchmarks.core.batching import PadCollate
 
-    return collate
+    return PadCollate(pad_id)
 
 
 def _lm_loss(model, batch) -> torch.Tensor:

@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from benchmarks.core.batching import pad_batch, pad_id_of
 from benchmarks.core.errors import DataError
 
 
@@ -83,17 +84,6 @@ class ForgetRetainDataset(Dataset):
         return item
 
 
-def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids`` and ``attention_mask`` (1 = real token)."""
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, ids in enumerate(sequences):
-        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
-
-
 class Collate:
     """Collates dataset items into ``{"forget": {..., "index"}, "retain": {...}}``."""
 
@@ -109,12 +99,7 @@ class Collate:
         return batch
 
 
-def _pad_id(tokenizer) -> int:
-    if tokenizer.pad_token_id is not None:
-        return tokenizer.pad_token_id
-    if tokenizer.eos_token_id is not None:
-        return tokenizer.eos_token_id
-    return 0
+_pad_id = pad_id_of
 
 
 def training_loader(dataset: ForgetRetainDataset, tokenizer, batch_size: int, seed: int) -> DataLoader:

@@ -275,3 +275,30 @@ def test_checkpoints_can_be_spaced_out(tmp_path):
     assert kept == [None, None, 3, 3, 6, 6]
     run.finish(0, "npo", {"status": "complete"})
     assert run.checkpoint(0, "npo") is None
+
+
+@pytest.mark.slow
+def test_a_diverged_defense_is_reported_with_its_epochs_and_the_run_writes_its_file(
+        tmp_path, muse_dir, gpt2_dir, monkeypatch):
+    from benchmarks import unlearn
+    from benchmarks.core.errors import TrainingDiverged
+
+    report = tmp_path / "unlearned" / "unlearn.yaml"
+
+    def diverging(base, defense, settings, data, **kwargs):
+        report.parent.mkdir(parents=True)
+        report.write_text(yaml.safe_dump({"status": "diverged", "epochs": [{"epoch": 1, "knowmem_retain": 12.5}]}))
+        raise TrainingDiverged("loss became nan at step 3 (epoch 1)", report=report)
+
+    monkeypatch.setattr(unlearn, "unlearn_cached", diverging)
+    args = _run_args(gpt2_dir, muse_dir, tmp_path / "out", tmp_path / "state")
+    args[args.index("--defense") + 1] = "npo"
+    assert relearn.main(args) == 3
+    result = read_result(_only_result(tmp_path / "out"))
+    assert validate_result(result) == []
+    assert result["status"] == "diverged"
+    record = result["models"]["npo"]
+    assert record["status"] == "diverged" and "nan at step 3" in record["error"]
+    assert record["epochs"] == [{"epoch": 1, "knowmem_retain": 12.5}]
+    assert result["defense"]["name"] == "npo"
+    assert list(result["curves"]) == ["target"]  # the target was still attacked

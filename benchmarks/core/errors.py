@@ -21,7 +21,12 @@ class DataError(UsageError):
 
 
 class TrainingDiverged(RuntimeError):
-    """A loss became NaN or infinite; the run stops and keeps what it already measured."""
+    """A loss became NaN or infinite; the run stops and keeps what it already measured
+    (``report``: where that was written, if anywhere)."""
+
+    def __init__(self, message: str, report=None) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 def setup_logging(verbose: bool = False) -> None:

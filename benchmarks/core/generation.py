@@ -74,14 +74,10 @@ def _eos_token_ids(model, tokenizer) -> set[int]:
 
 
 def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-            attention_mask[i, width - len(row) :] = 1
-    return input_ids, attention_mask
+    from benchmarks.core.batching import pad_batch
+
+    batch = pad_batch(rows, pad_id, side="left")
+    return batch["input_ids"], batch["attention_mask"]
 
 
 def _cut_at_eos(ids: list[int], eos_ids: set[int]) -> list[int]:

@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from benchmarks.core.batching import pad_batch
 from benchmarks.core.errors import DataError, UsageError
 from benchmarks.core.generation import greedy_generate
 from benchmarks.core.logprobs import target_mask, token_logps
@@ -287,13 +288,8 @@ def min_k_scores(
     device = next(model.parameters()).device
     scores: list[tuple[float, int] | None] = [None] * len(texts)
     for batch in batches:
-        width = len(encoded[batch[0]])
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, index in enumerate(batch):
-            ids = encoded[index]
-            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, : len(ids)] = 1
+        padded = pad_batch([encoded[index] for index in batch], pad_id)
+        input_ids, attention_mask = padded["input_ids"], padded["attention_mask"]
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         per_token = token_logps(logits, input_ids)

@@ -21,8 +21,8 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# owner/name as the hub spells repository ids.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+# Hub repository ids: ``owner/name``, or a bare ``name`` for the hub's canonical models (``gpt2``).
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -33,7 +33,7 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 def check_model_ref(ref: str) -> str:
     """Validate a model reference before anything loads: an existing checkpoint directory
-    (with a ``config.json``) or something shaped like a hub id ``owner/name``."""
+    (with a ``config.json``) or something shaped like a hub id (``owner/name`` or ``gpt2``)."""
     path = Path(ref).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -42,9 +42,10 @@ def check_model_ref(ref: str) -> str:
                 "checkpoint directory (one written by save_pretrained)"
             )
         return str(path)
-    if ref.startswith((".", "/", "~")) or os.sep in ref.strip("/").replace("/", "", 1) or not _HUB_ID.match(ref):
+    if (ref.startswith((".", "/", "~")) or os.sep in ref.strip("/").replace("/", "", 1) or not _HUB_ID.match(ref)
+            or "--" in ref or ".." in ref or len(ref) > 96 or ref.endswith(".git")):
         raise UsageError(
-            f"model {ref!r} is neither an existing directory nor a hub id like 'owner/name'; "
+            f"model {ref!r} is neither an existing directory nor a hub id like 'owner/name' or 'gpt2'; "
             "check the path"
         )
     return ref

@@ -45,6 +45,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048):
 ANSWER_MARKER = "Answer: "
 
 
+def cut_after(text: str, marker: str = ANSWER_MARKER) -> list[str]:
+    """``text`` in pieces that end right after each ``marker`` (their concatenation is ``text``)."""
+    pieces = text.split(marker)
+    return [piece + marker for piece in pieces[:-1]] + ([pieces[-1]] if pieces[-1] else [])
+
+
 def encode_cut_after(tokenizer, text: str, marker: str = ANSWER_MARKER, add_special_tokens: bool = True) -> list[int]:
     """Token ids of ``text`` tokenized in pieces that end right after every ``marker``.
 
@@ -53,9 +59,7 @@ def encode_cut_after(tokenizer, text: str, marker: str = ANSWER_MARKER, add_spec
     KnowMem prompt. This is the second view the embedded world's models learn their facts
     from. With ``add_special_tokens`` a BOS (if the tokenizer has one) comes first.
     """
-    pieces = text.split(marker)
-    pieces = [piece + marker for piece in pieces[:-1]] + ([pieces[-1]] if pieces[-1] else [])
     ids = [tokenizer.bos_token_id] if add_special_tokens and tokenizer.bos_token_id is not None else []
-    for piece in pieces:
+    for piece in cut_after(text, marker):
         ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
     return ids
