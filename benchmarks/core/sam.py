@@ -87,23 +87,41 @@ def accumulate_gradients(
     return total, metrics
 
 
+def _sum_of_squares(grads: Sequence[torch.Tensor], device: torch.device | None) -> torch.Tensor:
+    if not grads:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    return torch.stack([torch.linalg.vector_norm(g.float()) ** 2 for g in grads]).sum()
+
+
+def gradients_are_sharded(accelerator) -> bool:
+    """Whether each process holds only a shard of every gradient (FSDP), so that ‖g‖ needs a
+    sum over processes; under DDP every process holds the whole all-reduced gradient."""
+    from accelerate.utils import DistributedType
+
+    distributed = getattr(accelerator, "distributed_type", DistributedType.NO)
+    return distributed == DistributedType.FSDP and getattr(accelerator, "num_processes", 1) > 1
+
+
 @torch.no_grad()
-def perturb(params: Sequence[torch.nn.Parameter], rho: float) -> Perturbation:
+def perturb(params: Sequence[torch.nn.Parameter], rho: float, sharded: bool = False) -> Perturbation:
     """SAM's ascent step: save θ, move to θ + ρ·g/‖g‖₂ using the gradient now in ``.grad``,
     and clear ``.grad`` for the second pass.
 
-    ‖g‖₂ is the global norm over all trainable parameters (one vector, as in the paper).
+    ‖g‖₂ is the global norm over all trainable parameters (one vector, as in the paper). With
+    ``sharded`` (FSDP: each process holds a disjoint shard of the gradient) the squared norms
+    of the shards are summed over processes first, so every process perturbs by the same ε,
+    the one of the whole gradient.
     A zero gradient (or ρ = 0) gives ε = 0 rather than a division by zero. Trainable
     parameters that are not float32 are refused (:class:`~benchmarks.core.precision.PrecisionError`).
     """
     check_trainable(params, "SAM's perturbation")
     grads = [p.grad for p in params if p.grad is not None]
-    if grads:
-        grad_norm = torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
-        ).item()
-    else:
-        grad_norm = 0.0
+    squares = _sum_of_squares(grads, params[0].device if params else None)
+    if sharded:
+        import torch.distributed as dist
+
+        dist.all_reduce(squares, op=dist.ReduceOp.SUM)
+    grad_norm = float(squares.sqrt())
     scale = rho / grad_norm if rho > 0 and grad_norm > 0 and math.isfinite(grad_norm) else 0.0
     saved = [p.detach().clone() for p in params]
     for p in params:
@@ -146,7 +164,7 @@ def sam_step(
         # 1. g = ∇L_f(θ): only its direction matters, so the weight is left out.
         forget_loss, metrics = accumulate_gradients(model, micro_batches, forget_loss_fn, accelerator)
         # 2. θ → θ + ε
-        perturbation = perturb(params, rho)
+        perturbation = perturb(params, rho, sharded=gradients_are_sharded(accelerator))
         try:
             # 3. g′ = ∇L_f(θ + ε), weighted, into the cleared .grad
             perturbed_loss, _ = accumulate_gradients(
