@@ -920,7 +920,7 @@ def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict
                  trajectories: dict, timings: dict, retrain_auc: float | None) -> dict:
     """The result dict (schema of :mod:`benchmarks.core.results`)."""
     from benchmarks.core.metrics import KNOWMEM_MAX_NEW_TOKENS, MUSE_NEWS_RETRAIN_AUC_SOURCE, VERBMEM_MAX_NEW_TOKENS
-    from benchmarks.core.precision import precision_record
+    from benchmarks.core.precision import precision_record, processes_record
     from benchmarks.core.recovery import DEFINITIONS, curves_and_summary, point_values
     from benchmarks.core.results import HIGHER_IS_BETTER, SCHEMA_VERSION, environment_info
 
@@ -970,6 +970,7 @@ def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict
         "model": {"id": plan.model_id, "revision_or_hash": meta.get("model_hash"), "dtype": plan.dtype},
         "precision": {**precision_record(plan.dtype, plan.attack_config.mixed_precision),
                       "gradient_checkpointing": plan.gradient_checkpointing},
+        "processes": processes_record(plan.attack_config.batch_size, plan.eval_batch_size),
         "defense": defense,
         "attack": {
             "name": plan.attack,

@@ -184,10 +184,13 @@ def _only_result(directory: Path) -> Path:
 @pytest.mark.slow
 def test_a_plain_transformers_gpt2_checkpoint_can_be_attacked(tmp_path, muse_dir, gpt2_dir, capsys):
     out, state = tmp_path / "out", tmp_path / "state"
-    assert relearn.main(_run_args(gpt2_dir, muse_dir, out, state, "--attack", "lora", "--privleak")) == 0
+    assert relearn.main(_run_args(gpt2_dir, muse_dir, out, state, "--attack", "lora", "--privleak",
+                                  "--mixed-precision", "bf16")) == 0
     path = _only_result(out)
     result = read_result(path)
     assert validate_result(result) == []
+    assert result["precision"]["mixed_precision"] == "bf16" and result["precision"]["weights_dtype"] == "float32"
+    assert result["processes"]["world_size"] == 1 and result["processes"]["global_batch_size"] == 2
     assert path.with_suffix(".png").is_file()
     assert result["run_id"] in path.name
     assert list(result["curves"]) == ["gpt2-tiny"]
