@@ -42,3 +42,63 @@ def model_size(ref: str, prepare: Callable[[torch.nn.Module], torch.nn.Module] |
             model = prepare(model)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return ModelSize(parameters=total, trainable=trainable, config=config)
+
+
+@dataclass(frozen=True)
+class TrainingShape:
+    """What sets a training's memory, besides the model."""
+
+    micro_batch: int  # sequences per forward pass, per process
+    max_length: int  # tokens per sequence
+    mixed_precision: str = "no"  # "bf16": activations and logits in bf16
+    gradient_checkpointing: bool = False
+    sam: bool = False  # SAM keeps a copy of the trainable weights during its second pass
+    reference_model: bool = False  # a frozen copy of the model (KL retain term, MUSE NPO)
+
+
+def _activation_elements_per_token_per_layer(config) -> int:
+    """Tensors a Llama-style decoder layer keeps for its backward pass, per token: the two
+    RMSNorm inputs and outputs, q/k/v, the attention output and o-projection input, and the
+    SwiGLU MLP's gate, up, activation and product (attention scores are not kept with SDPA)."""
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    intermediate = getattr(config, "intermediate_size", 4 * hidden)
+    return 6 * hidden + 2 * kv * head_dim + 4 * intermediate
+
+
+def estimate_peak_bytes(size: ModelSize, shape: TrainingShape, weight_bytes: int = 4, processes: int = 1,
+                        sharded: bool = False) -> dict[str, int]:
+    """Approximate peak memory of one training process, by component, in bytes.
+
+    Weights in ``weight_bytes`` each; float32 gradients and AdamW's two float32 moments for the
+    trainable parameters; SAM's saved copy; the reference model; the activations kept for the
+    backward pass at ``max_length`` (only each layer's input with gradient checkpointing, plus
+    one layer recomputed); the logits and their gradient. ``processes`` > 1 with ``sharded``
+    (FSDP full shard) divides weights, gradients, optimizer state and SAM's copy among them;
+    without it (DDP) every process holds them all, plus DDP's gradient buckets.
+    """
+    config = size.config
+    tokens = shape.micro_batch * shape.max_length
+    act_bytes = 2 if shape.mixed_precision == "bf16" else 4
+    layers = config.num_hidden_layers
+    per_layer = _activation_elements_per_token_per_layer(config) * tokens * act_bytes
+    if shape.gradient_checkpointing:
+        activations = layers * tokens * config.hidden_size * 4 + per_layer
+    else:
+        activations = layers * per_layer
+    share = processes if (sharded and processes > 1) else 1
+    parts = {
+        "weights": size.parameters * weight_bytes // share,
+        "gradients": size.trainable * 4 // share,
+        "optimizer": size.trainable * 8 // share,
+        "sam_copy": size.trainable * 4 // share if shape.sam else 0,
+        "reference_model": size.parameters * weight_bytes // share if shape.reference_model else 0,
+        "activations": activations,
+        "logits": 2 * tokens * config.vocab_size * act_bytes,  # the logits and their gradient
+    }
+    if processes > 1 and not sharded:
+        parts["ddp_buckets"] = size.trainable * 4
+    parts["total"] = sum(parts.values())
+    return parts

@@ -1,0 +1,90 @@
+"""Sizes read from a config alone (meta device) and the peak-memory estimate of --dry-run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from benchmarks.core.footprint import ModelSize, TrainingShape, estimate_peak_bytes, model_size
+
+
+@pytest.fixture
+def llama_dir(tmp_path, tiny_tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=8,
+                         num_key_value_heads=2, vocab_size=len(tiny_tokenizer), tie_word_embeddings=True)
+    path = tmp_path / "llama"
+    LlamaForCausalLM(config).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def test_sizes_from_the_config_match_the_loaded_model(llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    from attacks import make_attack
+
+    real = AutoModelForCausalLM.from_pretrained(llama_dir)
+    full = model_size(str(llama_dir))
+    assert full.parameters == full.trainable == sum(p.numel() for p in real.parameters())
+    lora = make_attack("lora")
+    adapted = model_size(str(llama_dir), lora.prepare)
+    assert adapted.trainable == sum(p.numel() for p in lora.prepare(real).parameters() if p.requires_grad)
+    assert model_size("no-such-owner/no-such-model") is None  # not in the cache: no network asked
+
+
+def test_activation_estimate_is_within_a_quarter_of_what_autograd_keeps(llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(llama_dir).train()
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    batch, length = 2, 96
+    ids = torch.randint(3, model.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids)
+    size = model_size(str(llama_dir))
+    estimate = estimate_peak_bytes(size, TrainingShape(batch, length))["activations"]
+    assert abs(estimate - sum(kept.values())) <= 0.25 * sum(kept.values())
+
+
+def test_fsdp_divides_the_states_and_ddp_adds_buckets():
+    class Config:
+        hidden_size, num_attention_heads, num_key_value_heads, intermediate_size = 64, 4, 4, 256
+        num_hidden_layers, vocab_size = 2, 300
+
+    size = ModelSize(parameters=1000, trainable=1000, config=Config())
+    shape = TrainingShape(micro_batch=1, max_length=8, sam=True)
+    one = estimate_peak_bytes(size, shape)
+    assert (one["weights"], one["gradients"], one["optimizer"], one["sam_copy"]) == (4000, 4000, 8000, 4000)
+    fsdp = estimate_peak_bytes(size, shape, processes=4, sharded=True)
+    assert (fsdp["weights"], fsdp["optimizer"]) == (1000, 2000) and fsdp["activations"] == one["activations"]
+    ddp = estimate_peak_bytes(size, shape, processes=4)
+    assert ddp["total"] == one["total"] + 4000
+    checkpointed = estimate_peak_bytes(size, TrainingShape(1, 8, gradient_checkpointing=True))
+    assert checkpointed["activations"] < one["activations"]
+
+
+def test_dry_run_prints_memory_and_checkpoint_size(llama_dir, capsys, monkeypatch, tmp_path):
+    from benchmarks import relearn
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("RELEARN_BENCH_CACHE", str(tmp_path / "cache"))
+    assert relearn.main(["--dry-run", "--model", str(llama_dir), "--defense", "npo_sam",
+                         "--data", "muse-bench/MUSE-News", "--output-dir", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    plan = yaml.safe_load("\n".join(line for line in out.splitlines() if not line.startswith(("dry run", "note:"))))
+    memory = plan["memory_per_device"]
+    assert set(memory) >= {"attack finetune", "defense npo_sam"}
+    assert "sam_copy" in memory["defense npo_sam"]["1 GPU parts"]
+    params = model_size(str(llama_dir)).parameters
+    assert f"{params:,} trainable parameters" in plan["output"]["checkpoint"]
