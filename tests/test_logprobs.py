@@ -29,9 +29,11 @@ def test_values_and_gradients_match_the_full_log_softmax(dtype, chunk_entries):
     logits, ids = _case(dtype)
     weights = torch.randn(ids.shape[0], ids.shape[1] - 1, generator=torch.Generator().manual_seed(1))
 
+    before = logits.detach().clone()
     got = token_logps(logits, ids, chunk_entries=chunk_entries)
     (got * weights).sum().backward()
     got_grad, logits.grad = logits.grad.clone(), None
+    assert torch.equal(logits.detach(), before)  # the backward pass leaves the logits alone
     expected = reference_token_logps(logits, ids)
     (expected * weights).sum().backward()
 

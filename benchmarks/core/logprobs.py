@@ -56,8 +56,10 @@ class _TokenLogps(torch.autograd.Function):
         grad = torch.zeros_like(logits)  # the last position predicts nothing: its gradient is 0
         for b, start, end in _chunks(logits, ctx.chunk_entries):
             g = grad_out[b, start:end, None].float()
-            # −softmax(z) · g, in place on the one float32 chunk
-            chunk = logits[b, start:end].float().sub_(lse[b, start:end, None]).exp_().mul_(-g)
+            # −softmax(z) · g, in place on one float32 copy of the chunk (a copy even when the
+            # logits are float32 already: they must stay as they are)
+            chunk = logits[b, start:end].to(torch.float32, copy=True)
+            chunk.sub_(lse[b, start:end, None]).exp_().mul_(-g)
             chunk.scatter_add_(-1, targets[b, start:end, None], g)
             grad[b, start:end] = chunk.to(grad.dtype)
         return grad, None, None
