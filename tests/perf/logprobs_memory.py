@@ -11,7 +11,10 @@ memory), and the size of one float32 ``[B, T, V]`` copy for scale.
   ``score``: values under ``torch.inference_mode`` (Min-K% scoring).
 * DTYPE of the logits: ``float32`` (fp32 model) or ``bfloat16`` (a model under bf16 autocast).
 
-tracemalloc does not see torch's allocations, hence a whole process per measurement.
+tracemalloc does not see torch's allocations, hence a whole process per measurement. Set
+``MALLOC_MMAP_THRESHOLD_=1048576`` so that glibc returns freed large blocks to the system
+(otherwise its adaptive threshold keeps freed chunk-sized blocks resident and the high-water
+mark counts them).
 """
 
 from __future__ import annotations

@@ -24,7 +24,10 @@ BATCH, LENGTH = 2, 256
 
 
 def _measure(impl: str, mode: str, dtype: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(HERE.parents[1]), "OMP_NUM_THREADS": "1"}
+    # A fixed mmap threshold: glibc otherwise raises it after the first large free, and then
+    # keeps freed chunk-sized blocks in its heap, which the high-water mark counts as if live.
+    env = {**os.environ, "PYTHONPATH": str(HERE.parents[1]), "OMP_NUM_THREADS": "1",
+           "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
     out = subprocess.run(
         [sys.executable, str(HERE / "logprobs_memory.py"), impl, mode, dtype, str(BATCH), str(LENGTH), str(VOCAB)],
         check=True, capture_output=True, text=True, env=env,
