@@ -211,6 +211,8 @@ def no_loading(monkeypatch):
         (["--defense", "npo", "--utility-threshold", "1.5"], r"utility_threshold must lie in \[0, 1\]"),
         (["--defense", "npo", "--mixed-precision", "fp16"], "invalid choice: 'fp16'"),
         (["--defense", "npo", "--grad-accum", "0"], "grad_accum must be >= 1"),
+        (["--defense", "npo_sam", "--dtype", "bfloat16"], "--dtype bfloat16 would make its updates round away; "
+                                                          "keep --dtype float32 and add --mixed-precision bf16"),
     ],
 )
 def test_bad_arguments_fail_before_anything_is_loaded(tiny_run, tmp_path, no_loading, extra, message):
