@@ -70,6 +70,7 @@ def test_fsdp_divides_the_states_and_ddp_adds_buckets():
     assert (fsdp["weights"], fsdp["optimizer"]) == (1000, 2000) and fsdp["activations"] == one["activations"]
     ddp = estimate_peak_bytes(size, shape, processes=4)
     assert ddp["total"] == one["total"] + 4000
+    assert one["optimizer_step"] == 4000 and fsdp["optimizer_step"] == 1000
     checkpointed = estimate_peak_bytes(size, TrainingShape(1, 8, gradient_checkpointing=True))
     assert checkpointed["activations"] < one["activations"]
 

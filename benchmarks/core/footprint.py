@@ -73,7 +73,7 @@ def estimate_peak_bytes(size: ModelSize, shape: TrainingShape, weight_bytes: int
     """Approximate peak memory of one training process, by component, in bytes.
 
     Weights in ``weight_bytes`` each; float32 gradients and AdamW's two float32 moments for the
-    trainable parameters; SAM's saved copy; the reference model; the activations kept for the
+    trainable parameters, and the temporaries of its step; SAM's saved copy; the reference model; the activations kept for the
     backward pass at ``max_length`` (only each layer's input with gradient checkpointing, plus
     one layer recomputed); the logits and their gradient. ``processes`` > 1 with ``sharded``
     (FSDP full shard) divides weights, gradients, optimizer state and SAM's copy among them;
@@ -93,6 +93,9 @@ def estimate_peak_bytes(size: ModelSize, shape: TrainingShape, weight_bytes: int
         "weights": size.parameters * weight_bytes // share,
         "gradients": size.trainable * 4 // share,
         "optimizer": size.trainable * 8 // share,
+        # AdamW's step builds its denominator sqrt(v)/c + eps for every parameter at once with
+        # the foreach kernels (GPU), one parameter at a time otherwise: an upper bound on CPU.
+        "optimizer_step": size.trainable * 4 // share,
         "sam_copy": size.trainable * 4 // share if shape.sam else 0,
         "reference_model": size.parameters * weight_bytes // share if shape.reference_model else 0,
         "activations": activations,
