@@ -595,77 +595,44 @@ def format_plan(plan: Plan) -> str:
     return "dry run: nothing was loaded.\n" + "".join(f"note: {n}\n" for n in notes) + text
 
 
+def _estimate_ref(plan: Plan) -> str | None:
+    """The checkpoint whose config sizes the plan's estimates (None: not readable now)."""
+    if plan.model_ref is not None or not plan.world:
+        return plan.model_ref
+    world_dir, world_state = _world_status()
+    return f"{world_dir}/target" if world_state == "cached" else None
+
+
 def _checkpoint_estimate(plan: Plan) -> str:
-    """The size of one resume checkpoint (only the latest of the trajectory in progress is kept)."""
     from attacks import ATTACKS
-    from benchmarks.core.checkpoints import estimate_checkpoint_bytes, format_bytes
-    from benchmarks.core.footprint import model_size
+    from benchmarks.core.footprint import checkpoint_estimate
 
     if not plan.checkpoints:
         return "off (--no-checkpoints)"
-    ref = plan.model_ref
-    if ref is None and plan.world:
-        world_dir, world_state = _world_status()
-        ref = f"{world_dir}/target" if world_state == "cached" else None
-    size = model_size(ref, ATTACKS.get(plan.attack)(plan.attack_config).prepare) if ref else None
-    spacing = f"every {plan.checkpoint_every}+ steps" if plan.checkpoint_every else "at every milestone"
-    if size is None:
-        return f"12 bytes per trainable parameter (model config not readable now), {spacing}, latest only"
-    return (f"{format_bytes(estimate_checkpoint_bytes(size.trainable))} ({size.trainable:,} trainable parameters "
-            f"x 12 bytes: float32 weights and AdamW's two moments), {spacing}, latest only")
-
-
-#: The multi-GPU case the plan estimates memory for, beside one GPU.
-ESTIMATE_GPUS = 8
+    ref = _estimate_ref(plan)
+    return checkpoint_estimate(ref, ATTACKS.get(plan.attack)(plan.attack_config).prepare, plan.checkpoint_every)
 
 
 def _memory_estimate(plan: Plan) -> dict | str:
-    """Approximate peak memory per device of the run's heaviest training (each defense, and the
-    attack), on one GPU and on ``ESTIMATE_GPUS`` under DDP and FSDP; see
-    :func:`benchmarks.core.footprint.estimate_peak_bytes`."""
+    """Peak memory per device of each training of the run (its defenses, the attack); see
+    :func:`benchmarks.core.footprint.memory_estimate`."""
     from attacks import ATTACKS
-    from benchmarks.core.checkpoints import format_bytes
-    from benchmarks.core.footprint import TrainingShape, estimate_peak_bytes, model_size
-    from defenses import build_defense
+    from benchmarks.core.footprint import TrainingShape, memory_estimate
+    from defenses import DEFENSES
 
-    ref = plan.model_ref
-    if ref is None and plan.world:
-        world_dir, world_state = _world_status()
-        ref = f"{world_dir}/target" if world_state == "cached" else None
-    attack_size = model_size(ref, ATTACKS.get(plan.attack)(plan.attack_config).prepare) if ref else None
-    full_size = model_size(ref) if ref else None
-    if attack_size is None or full_size is None:
-        return "unknown: the model's config is not readable now (a hub id not in the local cache, or an unbuilt world)"
-    weight_bytes = 2 if plan.dtype == "bfloat16" else 4
     config = plan.attack_config
-    trainings = {f"attack {plan.attack}": (attack_size, TrainingShape(
+    trainings = {f"attack {plan.attack}": (ATTACKS.get(plan.attack)(config).prepare, TrainingShape(
         config.micro_batch_size, config.max_length, config.mixed_precision, plan.gradient_checkpointing))}
     for role in plan.roles_of("defended"):
         settings = role.defense_config
-        defense = build_defense(role.defense, **{k: v for k, v in settings.items() if k in _defense_keys(role.defense)})
+        cls = DEFENSES.get(role.defense)
+        defense = cls(cls.config_class(**{k: v for k, v in settings.items()
+                                          if k in cls.config_class.__dataclass_fields__}))
         reference = defense.needs_reference_model or (defense.uses_retain and defense.retain_term.needs_reference_model)
-        trainings[f"defense {role.defense}"] = (full_size, TrainingShape(
+        trainings[f"defense {role.defense}"] = (None, TrainingShape(
             settings["batch_size"], settings["max_length"], settings["mixed_precision"], plan.gradient_checkpointing,
             sam=float(settings.get("sam_rho", 0) or 0) > 0, reference_model=reference))
-    out: dict = {"note": "estimate: weights, float32 gradients and AdamW moments, SAM's copy, reference model, "
-                         "activations at the maximum length, logits and their gradient"}
-    for name, (size, shape) in trainings.items():
-        cases = {"1 GPU": estimate_peak_bytes(size, shape, weight_bytes),
-                 f"{ESTIMATE_GPUS} GPUs DDP": estimate_peak_bytes(size, shape, weight_bytes, ESTIMATE_GPUS),
-                 f"{ESTIMATE_GPUS} GPUs FSDP": estimate_peak_bytes(size, shape, weight_bytes, ESTIMATE_GPUS,
-                                                                   sharded=True)}
-        out[name] = {case: format_bytes(parts["total"]) for case, parts in cases.items()}
-        out[name]["1 GPU parts"] = ", ".join(f"{k} {format_bytes(v)}" for k, v in cases["1 GPU"].items()
-                                            if v and k != "total")
-    return out
-
-
-def _defense_keys(name: str) -> set[str]:
-    from dataclasses import fields
-
-    from defenses import DEFENSES
-
-    return {f.name for f in fields(DEFENSES.get(name).config_class)}
+    return memory_estimate(_estimate_ref(plan), trainings, weight_bytes=2 if plan.dtype == "bfloat16" else 4)
 
 
 # --------------------------------------------------------------------------- resume state

@@ -105,3 +105,41 @@ def estimate_peak_bytes(size: ModelSize, shape: TrainingShape, weight_bytes: int
         parts["ddp_buckets"] = size.trainable * 4
     parts["total"] = sum(parts.values())
     return parts
+
+
+#: The multi-GPU case a plan estimates memory for, beside one GPU.
+ESTIMATE_GPUS = 8
+
+
+def checkpoint_estimate(ref: str | None, prepare: Callable | None, every: int = 0) -> str:
+    """One line for a plan: the size of a resume checkpoint of a training of ``ref``."""
+    from benchmarks.core.checkpoints import estimate_checkpoint_bytes, format_bytes
+
+    size = model_size(ref, prepare) if ref else None
+    spacing = f"every {every}+ steps" if every else "at every milestone"
+    if size is None:
+        return f"12 bytes per trainable parameter (model config not readable now), {spacing}, latest only"
+    return (f"{format_bytes(estimate_checkpoint_bytes(size.trainable))} ({size.trainable:,} trainable parameters "
+            f"x 12 bytes: float32 weights and AdamW's two moments), {spacing}, latest only")
+
+
+def memory_estimate(ref: str | None, trainings: dict[str, tuple[Callable | None, TrainingShape]],
+                    weight_bytes: int = 4, gpus: int = ESTIMATE_GPUS) -> dict | str:
+    """For a plan: per training (``name -> (prepare, shape)``; ``prepare`` None trains every
+    weight), the estimated peak per device on one GPU and on ``gpus`` under DDP and FSDP."""
+    from benchmarks.core.checkpoints import format_bytes
+
+    full = model_size(ref) if ref else None
+    if full is None:
+        return "unknown: the model's config is not readable now (a hub id not in the local cache, or an unbuilt world)"
+    out: dict = {"note": "estimate: weights, float32 gradients, AdamW moments and step temporaries, SAM's copy, "
+                         "reference model, activations at the maximum length, logits and their gradient"}
+    for name, (prepare, shape) in trainings.items():
+        size = model_size(ref, prepare) if prepare is not None else full
+        cases = {"1 GPU": estimate_peak_bytes(size, shape, weight_bytes),
+                 f"{gpus} GPUs DDP": estimate_peak_bytes(size, shape, weight_bytes, gpus),
+                 f"{gpus} GPUs FSDP": estimate_peak_bytes(size, shape, weight_bytes, gpus, sharded=True)}
+        out[name] = {case: format_bytes(parts["total"]) for case, parts in cases.items()}
+        out[name]["1 GPU parts"] = ", ".join(f"{k} {format_bytes(v)}" for k, v in cases["1 GPU"].items()
+                                            if v and k != "total")
+    return out
