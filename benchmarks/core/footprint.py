@@ -75,7 +75,9 @@ def estimate_peak_bytes(size: ModelSize, shape: TrainingShape, weight_bytes: int
     Weights in ``weight_bytes`` each; float32 gradients and AdamW's two float32 moments for the
     trainable parameters, and the temporaries of its step; SAM's saved copy; the reference model; the activations kept for the
     backward pass at ``max_length`` (only each layer's input with gradient checkpointing, plus
-    one layer recomputed); the logits and their gradient. ``processes`` > 1 with ``sharded``
+    one layer recomputed); the logits and their gradient. The total counts the larger of the
+    backward phase (activations and logits) and the optimizer step, which never coexist.
+    ``processes`` > 1 with ``sharded``
     (FSDP full shard) divides weights, gradients, optimizer state and SAM's copy among them;
     without it (DDP) every process holds them all, plus DDP's gradient buckets.
     """
@@ -103,7 +105,9 @@ def estimate_peak_bytes(size: ModelSize, shape: TrainingShape, weight_bytes: int
     }
     if processes > 1 and not sharded:
         parts["ddp_buckets"] = size.trainable * 4
-    parts["total"] = sum(parts.values())
+    # Activations and logits are gone before the optimizer steps: the peak is the larger phase.
+    phases = max(parts["activations"] + parts["logits"], parts["optimizer_step"])
+    parts["total"] = sum(v for k, v in parts.items() if k not in ("activations", "logits", "optimizer_step")) + phases
     return parts
 
 
