@@ -127,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     timings["data"] = time.perf_counter() - started
 
     if any(entry.ref is None for entry in plan):
-        from benchmarks.world import ensure_world  # builds (or finds cached) world models
+        from benchmarks.core.world_build import ensure_world  # builds (or finds cached) world models
 
         started = time.perf_counter()
         world = ensure_world()

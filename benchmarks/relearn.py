@@ -56,6 +56,7 @@ PAPER_PRESET = {
     "attack": {},  # AttackConfig's own defaults are the paper's
     "milestones": (0, 25, 50, 75, 100, 125, 150),
     "seeds": (0,),
+    "defense_seeds": (0,),
     "defenses": (),
     "dtype": "float32",
     "eval_batch_size": 16,
@@ -84,6 +85,7 @@ WORLD_PRESET = {
     "attack_overrides": {"lora": {"lr": 3e-3}},
     "milestones": (0, 5, 10, 20, 30),
     "seeds": (0, 1, 2),
+    "defense_seeds": (0,),
     "defenses": ("npo", "npo_sam"),
     "dtype": "float32",
     "eval_batch_size": 64,
@@ -143,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, (_, kind, text) in _ATTACK_FLAGS.items():
         attack.add_argument(f"--{flag}", type=str if kind is str else kind, default=None, help=text)
     attack.add_argument("--seeds", default=None, help="comma-separated seeds (each draws T/V and the data order)")
+    attack.add_argument(
+        "--defense-seeds", default=None,
+        help="comma-separated unlearning seeds (data order and initial RNG of each defense): one seed, or one "
+             "per --seeds entry, paired in order, so the intervals include the defense's own training noise "
+             "(default: 0)")
     attack.add_argument("--milestones", default=None, help="comma-separated steps to evaluate at (0 and --steps are added)")
     attack.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps instead of --milestones")
 
@@ -182,11 +189,21 @@ class Role:
     defense: str | None = None
     defense_config: dict | None = None
     base: str | None = None  # a defended model's starting point (a role label or a ref)
+    # A defended model per attack seed: attack seed -> unlearning seed (paired in order), and
+    # once unlearned, attack seed -> checkpoint. Baselines are one checkpoint for every seed.
+    defense_seeds: dict[int, int] = field(default_factory=dict)
+    seed_refs: dict[int, str] = field(default_factory=dict)
+
+    def ref_for(self, seed: int) -> str | None:
+        """The checkpoint attacked with attack seed ``seed``."""
+        return self.seed_refs.get(seed, self.ref)
 
     def describe(self) -> dict:
         out = {"kind": self.kind, "checkpoint": self.ref or "(built at run time)"}
         if self.defense is not None:
             out.update(defense=self.defense, defense_hyperparameters=self.defense_config, unlearned_from=self.base)
+            if len(set(self.defense_seeds.values())) > 1:
+                out.update(defense_seed_per_attack_seed=dict(self.defense_seeds))
         return out
 
 
@@ -225,7 +242,9 @@ class Plan:
             "data": self.data,
             "model_id": self.model_id,
             "roles": {r.label: {"kind": r.kind, "ref": r.ref, "defense": r.defense,
-                                "defense_config": r.defense_config, "base": r.base} for r in self.roles},
+                                "defense_config": r.defense_config, "base": r.base,
+                                **({"defense_seeds": r.defense_seeds} if r.defense_seeds else {})}
+                      for r in self.roles},
             "attack": self.attack,
             "attack_config": self.attack_config.to_dict(),
             "seeds": self.seeds,
@@ -304,7 +323,7 @@ def _data_label(source: str) -> str:
 
 
 def _default_state_root() -> Path:
-    from benchmarks.world import cache_root
+    from benchmarks.core.world_build import cache_root
 
     return cache_root() / "relearn-state"
 
@@ -338,9 +357,10 @@ def _resolve_data(source: str, dry_run: bool, notes: list[str]) -> str:
 
 def _defense_settings(name: str, preset: str) -> dict:
     """A defense's hyperparameters: the world's calibrated ones or the paper's defaults."""
-    from benchmarks.unlearn import preset_settings
+    from benchmarks.core.unlearning import preset_settings
+    from defenses import DEFENSES
 
-    return preset_settings(name, "world" if preset == WORLD else "paper")
+    return preset_settings(name, "world" if preset == WORLD else "paper", DEFENSES)
 
 
 def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
@@ -375,6 +395,14 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
     seeds = _parse_int_list(args.seeds, "--seeds") if args.seeds is not None else list(preset["seeds"])
     if len(set(seeds)) != len(seeds):
         raise UsageError(f"--seeds repeats a seed: {args.seeds}")
+    defense_seeds = (_parse_int_list(args.defense_seeds, "--defense-seeds") if args.defense_seeds is not None
+                     else list(preset["defense_seeds"]))
+    if len(defense_seeds) not in (1, len(seeds)):
+        raise UsageError(f"--defense-seeds needs one seed or one per --seeds entry ({len(seeds)}), "
+                         f"got {len(defense_seeds)}: {','.join(map(str, defense_seeds))}")
+    # Pairing, not the product: each replicate draws both noise sources afresh, so the interval
+    # over replicates covers both at the cost of len(seeds) attacks, not len(seeds)^2.
+    defense_seed_of = {seed: defense_seeds[i % len(defense_seeds)] for i, seed in enumerate(seeds)}
     if args.milestones is None and args.eval_every is None:
         # The preset's milestones fit its own step count; for another count, thin them out.
         if config.steps == preset["attack"].get("steps", 150):
@@ -434,7 +462,8 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
         base = "world/target" if world else model_ref
         for name in defenses:
             roles.append(Role(name, "defended", None, defense=name,
-                              defense_config=_defense_settings(name, preset_name), base=base))
+                              defense_config=_defense_settings(name, preset_name), base=base,
+                              defense_seeds=dict(defense_seed_of)))
     else:
         if world:
             raise UsageError("--defense none needs --model (the world's target is not unlearned)")
@@ -504,7 +533,7 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
 
 def _world_status() -> tuple[str, str]:
     """The default world's directory, and whether it is built."""
-    from benchmarks.world import WorldBuildConfig, default_world_dir, read_manifest
+    from benchmarks.core.world_build import WorldBuildConfig, default_world_dir, read_manifest
 
     root = default_world_dir(WorldBuildConfig())
     return str(root), "cached" if read_manifest(root) is not None else "built on first use (minutes)"
@@ -530,7 +559,7 @@ def format_plan(plan: Plan) -> str:
         notes.append("full fine-tuning in float32 holds weights, gradients and two AdamW moments (16 bytes per "
                      "parameter); for a 7B model on one GPU use --attack lora, or --dtype bfloat16 "
                      "--mixed-precision bf16")
-    from benchmarks.world import cache_root
+    from benchmarks.core.world_build import cache_root
 
     models = {r.label: r.describe() for r in plan.roles}
     world_dir, world_state = _world_status() if plan.world else (None, None)
@@ -656,11 +685,11 @@ def _prepare_models(plan: Plan, data, timings: dict) -> tuple[dict[str, dict], s
     """Fill in the world's checkpoints and run (or find cached) defenses; returns per role the
     model record for the result file, and the checkpoint of ``plan.model_id``."""
     from benchmarks.core.results import timed
-    from benchmarks.unlearn import model_fingerprint
+    from benchmarks.core.unlearning import model_fingerprint
 
     base_ref = plan.model_ref
     if base_ref is None or any(r.ref is None and r.kind in ("target", "retrain") for r in plan.roles):
-        from benchmarks.world import ensure_world
+        from benchmarks.core.world_build import ensure_world
 
         with timed(timings, "world"):
             paths = ensure_world()  # built on first use, then cached
@@ -674,11 +703,19 @@ def _prepare_models(plan: Plan, data, timings: dict) -> tuple[dict[str, dict], s
     records = {}
     for role in plan.roles:
         if role.kind == "defended":
-            from benchmarks import unlearn
+            from benchmarks.core.unlearning import unlearn_cached
+            from defenses import DEFENSES
 
+            unlearned: dict[int, str] = {}  # unlearning seed -> checkpoint
             with timed(timings, "defense"):
-                role.ref = str(unlearn.unlearn_cached(role.base, role.defense, role.defense_config, data,
-                                                      dtype=plan.dtype, progress=plan.progress))
+                for attack_seed, defense_seed in role.defense_seeds.items():
+                    if defense_seed not in unlearned:
+                        settings = {**role.defense_config, "seed": defense_seed}
+                        unlearned[defense_seed] = str(unlearn_cached(
+                            role.base, role.defense, settings, data, registry=DEFENSES, dtype=plan.dtype,
+                            progress=plan.progress))
+                    role.seed_refs[attack_seed] = unlearned[defense_seed]
+            role.ref = role.seed_refs[min(role.seed_refs)]
         records[role.label] = {
             "kind": role.kind,
             "checkpoint": role.ref,
@@ -686,6 +723,12 @@ def _prepare_models(plan: Plan, data, timings: dict) -> tuple[dict[str, dict], s
             **({"defense": role.defense, "defense_hyperparameters": role.defense_config,
                 "unlearned_from": role.base} if role.defense else {}),
         }
+        if len(set(role.seed_refs.values())) > 1:
+            records[role.label]["per_attack_seed"] = {
+                seed: {"defense_seed": role.defense_seeds[seed], "checkpoint": ref,
+                       "revision_or_hash": model_fingerprint(ref)}
+                for seed, ref in sorted(role.seed_refs.items())
+            }
     return records, base_ref
 
 
@@ -706,7 +749,7 @@ def _attack_one(plan: Plan, role: Role, seed: int, texts: list[str], evalset, st
     from benchmarks.core.recovery import measure_point
 
     attack = ATTACKS.get(plan.attack)(plan.attack_config)
-    loaded, tokenizer = load_model(role.ref, dtype=plan.dtype, device=_device())
+    loaded, tokenizer = load_model(role.ref_for(seed), dtype=plan.dtype, device=_device())
     model = attack.prepare(loaded)
     last = plan.milestones[-1]
     curve: dict[int, dict] = {}
@@ -802,19 +845,21 @@ def execute(plan: Plan) -> dict:
     model_records = meta.get("models")
     if model_records is None:
         model_records, base_ref = _prepare_models(plan, data, timings)
-        from benchmarks.unlearn import model_fingerprint
+        from benchmarks.core.unlearning import model_fingerprint
 
         meta.update(models=model_records, refs={r.label: r.ref for r in plan.roles},
+                    seed_refs={r.label: r.seed_refs for r in plan.roles if r.seed_refs},
                     model_hash=model_fingerprint(base_ref))
         state.update_meta(**meta)
     else:
         for role in plan.roles:
             role.ref = meta["refs"][role.label]
+            role.seed_refs = {int(k): v for k, v in meta.get("seed_refs", {}).get(role.label, {}).items()}
 
     splits = {seed: split_documents(ids, count, seed) for seed in plan.seeds}
     groups = {seed: question_groups(evalset.forget_qa, split) for seed, split in splits.items()}
     trajectories: dict[int, dict[str, dict]] = {}
-    zero_points: dict[str, dict] = {}
+    zero_points: dict[str, dict] = {}  # checkpoint -> its step-0 measurement
     retrain_auc = meta.get("retrain_auc")
     from tqdm.auto import tqdm
 
@@ -825,12 +870,13 @@ def execute(plan: Plan) -> dict:
         record = state.finished(seed, role.label)
         if record is None:
             texts = [text_of[d] for d in splits[seed].train]
-            record = _attack_one(plan, role, seed, texts, evalset, state, retrain_auc, zero_points.get(role.label))
+            record = _attack_one(plan, role, seed, texts, evalset, state, retrain_auc,
+                                 zero_points.get(role.ref_for(seed)))
             state.finish(seed, role.label, record)
         # Counted from the records, so a resumed run reports the time of the whole run.
         timings["attack"] = timings.get("attack", 0.0) + record["attack_seconds"]
         timings["evaluation"] = timings.get("evaluation", 0.0) + record["eval_seconds"]
-        zero_points.setdefault(role.label, record["curve"]["0"])
+        zero_points.setdefault(role.ref_for(seed), record["curve"]["0"])
         if role.kind == "retrain" and plan.privleak and retrain_auc is None:
             retrain_auc = record["curve"]["0"].get("privleak_auc")
             state.update_meta(retrain_auc=retrain_auc)

@@ -20,7 +20,7 @@ Dropping that file into ``defenses/`` is the whole change: ``defenses/__init__``
 module in the package, and ``python -m benchmarks.unlearn`` turns each config field into a
 command-line flag (``sigma`` -> ``--sigma``).
 
-Micro-batches, as the unlearning data pipeline (:mod:`defenses.data`) builds them::
+Micro-batches, as the unlearning data pipeline (:mod:`benchmarks.core.unlearn_data`) builds them::
 
     {"forget": {"input_ids", "attention_mask", "index"},   # index: example id in the forget set
      "retain": {"input_ids", "attention_mask"}}            # absent when the retain loss is "none"

@@ -20,7 +20,7 @@ from benchmarks.core.logprobs import masked_mean_nll, sequence_logps
 from benchmarks.core.reference import ReferenceLogps, compute_reference_logps
 from benchmarks.core.training import TrainConfig, train
 from defenses import DEFENSES, RETAIN_LOSSES, build_defense
-from defenses.data import Collate, ForgetRetainDataset, reference_loader, tokenize_texts, training_loader
+from benchmarks.core.unlearn_data import Collate, ForgetRetainDataset, reference_loader, tokenize_texts, training_loader
 from defenses.npo import npo_loss
 
 FORGET = [

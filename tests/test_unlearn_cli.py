@@ -17,6 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from benchmarks import unlearn
+from benchmarks.core import unlearning
 from benchmarks.core.errors import TrainingDiverged, UsageError
 from benchmarks.core.registry import Registry
 from defenses import DEFENSES, Defense, DefenseConfig
@@ -191,7 +192,7 @@ def no_loading(monkeypatch):
 
     monkeypatch.setattr("benchmarks.core.models.load_model", refuse)
     monkeypatch.setattr("benchmarks.core.data.load_data", refuse)
-    monkeypatch.setattr("benchmarks.world.ensure_world", refuse)
+    monkeypatch.setattr("benchmarks.core.world_build.ensure_world", refuse)
 
 
 @pytest.mark.parametrize(
@@ -235,7 +236,7 @@ def test_the_world_is_the_default_and_checked_before_it_is_built(tmp_path, no_lo
     parser = unlearn.build_parser()
     request = unlearn.plan_request(parser.parse_args(["--defense", "npo_sam", "--out", str(tmp_path / "o")]))
     assert request.model_ref is None and request.data == "world" and request.preset == "world"
-    assert request.config.lr == unlearn.WORLD_PRESET["lr"]
+    assert request.config.lr == unlearning.WORLD_PRESET["lr"]
     assert request.defense.config.sam_rho == 0.01
     assert request.config.answer_view is True
     with pytest.raises(UsageError, match="beta must be"):
@@ -260,15 +261,15 @@ def test_a_usage_error_is_one_line_and_exit_2(tmp_path):
 @pytest.mark.parametrize("preset", ["paper", "world"])
 def test_every_defense_resolves_under_every_preset(preset):
     for name in DEFENSES.names():
-        settings = unlearn.preset_settings(name, preset)
-        defense, config = unlearn.resolve_settings(name, settings)
+        settings = unlearning.preset_settings(name, preset, DEFENSES)
+        defense, config = unlearning.resolve_settings(name, settings, DEFENSES)
         assert defense.name == name and config.lr == settings["lr"]
-    assert unlearn.preset_settings("npo_sam", "paper") | {} == {
-        **unlearn.PAPER_PRESET, "forget_weight": 1.0, "retain_weight": 1.0, "retain_loss": "gdr",
+    assert unlearning.preset_settings("npo_sam", "paper", DEFENSES) | {} == {
+        **unlearning.PAPER_PRESET, "forget_weight": 1.0, "retain_weight": 1.0, "retain_loss": "gdr",
         "beta": 0.1, "sam_rho": 0.01,
     }
     with pytest.raises(UsageError, match="unknown setting sam_rho for defense 'npo'"):
-        unlearn.resolve_settings("npo", {"sam_rho": 0.1})
+        unlearning.resolve_settings("npo", {"sam_rho": 0.1}, DEFENSES)
 
 
 def test_a_new_defense_is_one_registered_class(tiny_run, tmp_path):
@@ -295,9 +296,9 @@ def test_a_new_defense_is_one_registered_class(tiny_run, tmp_path):
     args = parser.parse_args(_argv(tiny_run, tmp_path / "o", "--defense", "noisy", "--noise-std", "0.5"))
     request = unlearn.plan_request(args, registry)
     assert isinstance(request.defense, Noisy) and request.defense.config.noise_std == 0.5
-    world = unlearn.preset_settings("noisy", "world", registry)
-    assert world["noise_std"] == 0.2 and world["lr"] == 5e-4 != unlearn.WORLD_PRESET["lr"]  # its calibrated world settings
-    assert unlearn.preset_settings("noisy", "paper", registry)["noise_std"] == 0.01
+    world = unlearning.preset_settings("noisy", "world", registry)
+    assert world["noise_std"] == 0.2 and world["lr"] == 5e-4 != unlearning.WORLD_PRESET["lr"]  # its calibrated world settings
+    assert unlearning.preset_settings("noisy", "paper", registry)["noise_std"] == 0.01
     args = parser.parse_args(_argv(tiny_run, tmp_path / "o", "--defense", "npo", "--noise-std", "0.5"))
     with pytest.raises(UsageError, match="--noise-std does not apply to defense 'npo'.*noisy"):
         unlearn.plan_request(args, registry)
@@ -353,18 +354,18 @@ def test_bf16_mixed_precision_npo_sam_run(tiny_run, tmp_path):
 @pytest.mark.slow
 def test_unlearn_cached_builds_once_and_fills_settings_from_the_preset(tiny_run, tmp_path, monkeypatch):
     model_dir, data_dir = tiny_run
-    path = unlearn.unlearn_cached(str(model_dir), "npo", {"lr": 1e-3, "epochs": 1}, str(data_dir),
+    path = unlearning.unlearn_cached(str(model_dir), "npo", {"lr": 1e-3, "epochs": 1}, str(data_dir), registry=DEFENSES,
                                   cache_dir=tmp_path / "cache", evaluation=None)
     document = _result(path)
     assert document["status"] == "complete"
     assert document["defense"]["hyperparameters"]["beta"] == 0.1  # from the preset
-    assert document["defense"]["hyperparameters"]["batch_size"] == unlearn.PAPER_PRESET["batch_size"]
+    assert document["defense"]["hyperparameters"]["batch_size"] == unlearning.PAPER_PRESET["batch_size"]
     assert (path / "model.safetensors").is_file()
 
     def refuse(*args, **kwargs):
         raise AssertionError("unlearned again instead of using the cache")
 
     monkeypatch.setattr(unlearn, "unlearn", refuse)
-    again = unlearn.unlearn_cached(str(model_dir), "npo", {"lr": 1e-3, "epochs": 1}, str(data_dir),
+    again = unlearning.unlearn_cached(str(model_dir), "npo", {"lr": 1e-3, "epochs": 1}, str(data_dir), registry=DEFENSES,
                                    cache_dir=tmp_path / "cache", evaluation=None)
     assert again == path

@@ -11,15 +11,15 @@ import torch
 from benchmarks.core.errors import UsageError
 from benchmarks.core.models import TinyLlamaSpec
 from benchmarks.core.world_corpus import RAW_SPLITS, WorldConfig, build_corpus, config_hash
-from benchmarks.world import (
+from benchmarks.core.tokenizer import encode_cut_after
+from benchmarks.core.world_build import (
     MANIFEST,
     WorldBuildConfig,
-    encode_cut_after,
     ensure_world,
-    main,
     training_stream,
     world_hash,
 )
+from benchmarks.world import main
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +237,7 @@ def _small_build(**overrides) -> WorldBuildConfig:
 def test_build_saves_loadable_models_and_reuses_the_cache(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import benchmarks.world as world
+    import benchmarks.core.world_build as world
     from benchmarks.core.data import load_data
 
     monkeypatch.setenv("RELEARN_BENCH_CACHE", str(tmp_path / "cache"))

@@ -297,6 +297,13 @@ def _check_directory(directory: Path) -> None:
         )
 
 
+def check_output_directory(directory: str | os.PathLike) -> Path:
+    """Validate a directory to be written (it may not exist yet); nothing is created."""
+    path = Path(directory).expanduser()
+    _check_directory(path)
+    return path
+
+
 def check_output_target(target: str | os.PathLike, overwrite: bool = False) -> Path:
     """Validate an output path before any model is loaded, and return it.
 
