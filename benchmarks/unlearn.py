@@ -27,10 +27,12 @@ target (no ``--model``). Every field of the chosen defense's config is a flag (`
 
 **Utility-constrained epoch selection**, as MUSE papers do by hand: the model is evaluated
 before unlearning and after every epoch (KnowMem-retain, and KnowMem-forget / VerbMem-forget
-for the record), and the checkpoint kept is the *last* epoch whose KnowMem-retain stays at or
-above ``--utility-threshold`` (default 0.9) times the target's. If no epoch qualifies, the
-epoch with the highest KnowMem-retain is kept and the file says so. ``--no-eval`` skips the
-evaluation and keeps the last epoch.
+for the record). The checkpoint kept is the last epoch that meets the utility bar
+(KnowMem-retain >= ``--utility-threshold``, default 0.9, times the target's) together with the
+epoch before it; without such a plateau, the last epoch that meets the bar alone; if none
+does, the epoch with the highest KnowMem-retain, and the file says so
+(:data:`benchmarks.core.unlearning.SELECTION_RULE`). ``--no-eval`` skips the evaluation and
+keeps the last epoch.
 
 Every argument is checked before any model is loaded. A NaN or infinite loss stops the run
 (exit 3) and leaves ``unlearn.yaml`` with ``status: diverged`` and what was measured, but no

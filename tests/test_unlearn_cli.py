@@ -139,21 +139,34 @@ def _scripted_evaluation(monkeypatch, utilities):
 
 
 @pytest.mark.slow
-def test_selection_keeps_the_last_epoch_that_meets_the_bar(tiny_run, tmp_path, monkeypatch):
-    # Target 50 -> bar 45: epochs 1 (49) and 3 (46) qualify; the last of them is kept even
-    # though epoch 2 dipped below and epoch 4 fell further.
-    seen = _scripted_evaluation(monkeypatch, [50.0, 49.0, 44.0, 46.0, 30.0])
+def test_selection_keeps_the_last_epoch_of_a_plateau_above_the_bar(tiny_run, tmp_path, monkeypatch):
+    # Target 50 -> bar 45: epochs 1-2 (49, 48) meet it in a row, epoch 4 (46) only between
+    # two that miss it; the plateau's last epoch is kept, not the lone one.
+    seen = _scripted_evaluation(monkeypatch, [50.0, 49.0, 48.0, 44.0, 46.0, 30.0])
     out = tmp_path / "out"
-    unlearn.main(_argv(tiny_run, out, "--defense", "npo", "--epochs", "4"))
+    unlearn.main(_argv(tiny_run, out, "--defense", "npo", "--epochs", "5"))
     document = _result(out)
-    assert [row["meets_bar"] for row in document["epochs"]] == [True, True, False, True, False]
-    assert document["selection"]["selected_epoch"] == 3
+    assert [row["meets_bar"] for row in document["epochs"]] == [True, True, True, False, True, False]
+    assert document["selection"]["selected_epoch"] == 2
+    assert document["selection"]["selected_by"] == "plateau"
     assert document["selection"]["met_threshold"] is True
     assert document["selection"]["bar"] == pytest.approx(45.0)
     saved = load_file(out / "model.safetensors")
     for name, value in saved.items():
-        assert torch.equal(value, seen[3][name]), name  # the weights evaluated after epoch 3
-    assert not all(torch.equal(saved[n], seen[4][n]) for n in saved)
+        assert torch.equal(value, seen[2][name]), name  # the weights evaluated after epoch 2
+    assert not all(torch.equal(saved[n], seen[5][n]) for n in saved)
+
+
+@pytest.mark.slow
+def test_selection_without_a_plateau_keeps_the_last_epoch_that_meets_the_bar(tiny_run, tmp_path, monkeypatch):
+    # Epochs 1 (49) and 3 (46) meet the bar 45, never two in a row: the last of them is kept.
+    seen = _scripted_evaluation(monkeypatch, [50.0, 49.0, 44.0, 46.0, 30.0])
+    out = tmp_path / "out"
+    unlearn.main(_argv(tiny_run, out, "--defense", "npo", "--epochs", "4"))
+    selection = _result(out)["selection"]
+    assert selection["selected_epoch"] == 3 and selection["selected_by"] == "single epoch"
+    saved = load_file(out / "model.safetensors")
+    assert all(torch.equal(value, seen[3][name]) for name, value in saved.items())
 
 
 @pytest.mark.slow

@@ -51,9 +51,9 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def pinned_manifest(directory: Path = PINNED_DIR) -> dict | None:
-    """The pinned world's manifest, or None when the package ships none."""
-    path = directory / MANIFEST
+def pinned_manifest(directory: Path | None = None) -> dict | None:
+    """The pinned world's manifest (``directory`` default: the package's), or None when there is none."""
+    path = (directory or PINNED_DIR) / MANIFEST
     if not path.is_file():
         return None
     try:
@@ -72,8 +72,9 @@ def _check_files(directory: Path, files: Mapping[str, str], fix: str) -> None:
             raise DataError(f"pinned world file {path} has sha256 {actual[:12]}…, expected {expected[:12]}…; {fix}")
 
 
-def install(config, root: Path, directory: Path = PINNED_DIR):
+def install(config, root: Path, directory: Path | None = None):
     """Write the pinned world for ``config`` at ``root`` (which must not exist) and return its paths."""
+    directory = directory or PINNED_DIR
     from benchmarks.core.data import load_data, write_hub_layout
     from benchmarks.core.world_build import MANIFEST as WORLD_MANIFEST
     from benchmarks.core.world_build import WorldPaths, share_tree, world_hash
@@ -177,9 +178,10 @@ def format_comparison(scores: Mapping[str, Mapping[str, float]], manifest: Mappi
     return tabulate(rows, headers=["model", "metric", "rebuilt", "pinned", "rebuilt - pinned"], tablefmt="github")
 
 
-def pin(paths, scores: Mapping[str, Mapping[str, float]], command: str, directory: Path = PINNED_DIR) -> Path:
+def pin(paths, scores: Mapping[str, Mapping[str, float]], command: str, directory: Path | None = None) -> Path:
     """Make the world at ``paths`` the pinned world: copy its model files into ``directory``
     with a manifest of digests, scores and the command that built it."""
+    directory = directory or PINNED_DIR
     world = json.loads((paths.root / "world.json").read_text(encoding="utf-8"))
     staging = directory.with_name(f".{directory.name}.pinning.{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)

@@ -58,8 +58,8 @@ class UnlearnConfig:
     )
     utility_threshold: float = field(
         default=0.9,
-        metadata={"help": "Keep the last epoch whose KnowMem-retain is >= this fraction of the target's "
-                          "(0 keeps the last epoch)."},
+        metadata={"help": "Utility bar of the epoch selection: KnowMem-retain >= this fraction of the target's "
+                          "(0 keeps the last epoch; see SELECTION_RULE)."},
     )
 
     def __post_init__(self) -> None:
@@ -171,9 +171,22 @@ class UnlearnOutcome:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+#: How the kept epoch is chosen (recorded in every unlearn.yaml).
+SELECTION_RULE = (
+    "the last epoch that meets the utility bar (KnowMem-retain >= threshold x the target's) together with "
+    "the epoch before it (a plateau of two); else the last epoch that meets it alone; else the epoch with "
+    "the highest KnowMem-retain"
+)
+
+
 class _EpochSelector:
-    """Evaluates the model at step 0 and after each epoch, remembering the weights of the last
-    epoch that meets the utility bar (and of the best one, as a fallback)."""
+    """Evaluates the model at step 0 and after each epoch and keeps the weights of the epoch
+    :data:`SELECTION_RULE` chooses.
+
+    Why a plateau: a bar met by one epoch between two that miss it is met by noise -- another
+    seed or machine moves that epoch below the bar and the kept model (and every number after
+    it) jumps. Two epochs in a row above the bar put the kept model where the trade-off is flat.
+    """
 
     def __init__(self, tokenizer, data, plan: EvalPlan, threshold: float, outcome: UnlearnOutcome) -> None:
         self.tokenizer = tokenizer
@@ -182,9 +195,11 @@ class _EpochSelector:
         self.threshold = threshold
         self.outcome = outcome
         self.target_utility: float | None = None
-        self.kept: tuple[int, dict] | None = None  # last qualifying epoch
-        self.best: tuple[int, float, dict] | None = None  # highest utility, fallback
+        self.plateau: tuple[int, dict] | None = None  # last epoch meeting the bar after one that did
+        self.single: tuple[int, dict] | None = None  # last epoch meeting the bar
+        self.best: tuple[int, float, dict] | None = None  # highest utility, the last fallback
         self.last_epoch = 0
+        self.previous_met = False
 
     def _scores(self, model) -> dict[str, float]:
         from benchmarks.core.metrics import evaluate
@@ -217,27 +232,33 @@ class _EpochSelector:
         self.last_epoch = epoch
         logger.info("epoch %d: %s (%s the bar %.2f)", epoch, _fmt(scores), "meets" if meets else "below", self.bar)
         if meets:
-            self.kept = (epoch, _cpu_state(model))
-        elif self.kept is None and (self.best is None or utility > self.best[1]):
+            state = _cpu_state(model)
+            self.single = (epoch, state)
+            if self.previous_met:
+                self.plateau = (epoch, state)
+        elif self.single is None and (self.best is None or utility > self.best[1]):
             self.best = (epoch, utility, _cpu_state(model))
-        # Once a qualifying epoch exists, the fallback is no longer needed.
-        if self.kept is not None:
+        self.previous_met = meets
+        # Once a qualifying epoch exists, the last fallback is no longer needed.
+        if self.single is not None:
             self.best = None
 
     def choose(self, model) -> dict[str, Any]:
         """Load the selected epoch's weights into ``model`` and describe the choice."""
-        rule = (f"last epoch whose {SELECTION_METRIC} >= {self.threshold} x the target's "
-                f"({self.target_utility:.2f} -> bar {self.bar:.2f})")
-        if self.kept is not None:
-            epoch, state = self.kept
-            met = True
+        rule = f"{SELECTION_RULE} ({self.target_utility:.2f} x {self.threshold} -> bar {self.bar:.2f})"
+        if self.plateau is not None:
+            (epoch, state), met, how = self.plateau, True, "plateau"
+        elif self.single is not None:
+            (epoch, state), met, how = self.single, True, "single epoch"
+            logger.warning("no two epochs in a row met the bar %.2f; keeping epoch %d, the last that met it",
+                           self.bar, epoch)
         elif self.best is not None:
             epoch, _, state = self.best
-            met = False
+            met, how = False, "highest utility"
             logger.warning("no epoch kept %s >= %.2f; keeping epoch %d, the one with the highest %s",
                            SELECTION_METRIC, self.bar, epoch, SELECTION_METRIC)
         else:
-            epoch, state, met = self.last_epoch, None, False
+            epoch, state, met, how = self.last_epoch, None, False, "last epoch"
         if state is not None and epoch != self.last_epoch:
             model.load_state_dict(state)
         return {
@@ -246,6 +267,7 @@ class _EpochSelector:
             "target": self.target_utility,
             "bar": self.bar,
             "rule": rule,
+            "selected_by": how,
             "selected_epoch": epoch,
             "met_threshold": met,
         }
