@@ -175,6 +175,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, relearn_argv = build_parser().parse_known_args(argv)
     if args.cache is not None and Path(args.cache).exists() and not Path(args.cache).is_dir():
         raise UsageError(f"--cache {args.cache!r} is a file, not a directory; give a directory for the cache")
+    if args.cache is not None:
+        from benchmarks.core.results import check_writable_directory
+
+        check_writable_directory(args.cache, "--cache")
     if _has_flag(relearn_argv, "--dry-run"):
         raise UsageError("--dry-run runs nothing to time; drop it")
 

@@ -311,13 +311,9 @@ def _default_state_root() -> Path:
 
 def _check_writable_dir(path: Path, what: str) -> None:
     """A directory we will write into: it exists and is writable, or can be created."""
-    probe = path
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"{what} {path} is not a writable directory; choose another path")
+    from benchmarks.core.results import check_writable_directory
+
+    check_writable_directory(path, what)
 
 
 def _resolve_data(source: str, dry_run: bool, notes: list[str]) -> str:
@@ -439,8 +435,8 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
         if world:
             raise UsageError("--defense none needs --model (the world's target is not unlearned)")
         label = _safe_name(args.label) if args.label else _model_label(args.model)
-        if label in ("target", "retrain"):
-            raise UsageError(f"--label {label!r} is taken by a baseline; choose another")
+        if label in {r.label for r in roles}:  # only baselines that run take a name
+            raise UsageError(f"--label {label!r} is taken by a baseline; choose another (or keep --no-baselines)")
         roles.append(Role(label, "attacked", model_ref))
     if args.label and defenses:
         raise UsageError("--label names a model attacked with --defense none; defended models are named by defense")

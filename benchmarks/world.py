@@ -439,6 +439,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     setup_logging(args.verbose)
+    from benchmarks.core.results import check_writable_directory
+
+    # An unwritable destination is refused before minutes of training, not after them.
+    if args.out is not None:
+        check_writable_directory(args.out, "--out")
+    else:
+        check_writable_directory(cache_root(), f"the cache (${CACHE_ENV})")
     paths = ensure_world(args.out, force=args.force)
     print(f"world:   {paths.root}")
     print(f"corpus:  {paths.corpus_dir}")

@@ -150,6 +150,30 @@ def test_an_unwritable_output_dir_is_refused(tmp_path, muse_dir, gpt2_dir, no_mo
         relearn.main(_run_args(gpt2_dir, muse_dir, blocker / "results", tmp_path / "state"))
 
 
+def test_a_model_named_target_is_refused_only_when_the_target_baseline_runs(tmp_path, muse_dir, gpt2_dir,
+                                                                             no_model_loading, capsys):
+    model = tmp_path / "target"
+    gpt2_dir.rename(model)
+    base = ["--model", str(model), "--defense", "none", "--data", str(muse_dir), "--dry-run",
+            "--output-dir", str(tmp_path / "out"), "--state-dir", str(tmp_path / "state")]
+    with pytest.raises(UsageError, match="--label 'target' is taken by a baseline"):
+        relearn.main(base + ["--target-model", str(model)])
+    assert relearn.main(base + ["--no-baselines"]) == 0
+    out = capsys.readouterr().out
+    plan = yaml.safe_load("\n".join(line for line in out.splitlines() if not line.startswith(("dry run", "note:"))))
+    assert list(plan["curves"]) == ["target"]  # the attacked model, and no baseline
+    assert plan["curves"]["target"]["kind"] == "attacked"
+
+
+def test_a_curve_labelled_target_without_baselines_is_not_the_target_reference():
+    from benchmarks.core.results import reference_roles
+
+    curves = {"target": {"steps": [0], "metrics": {}}}
+    assert reference_roles({"curves": curves, "references": {"target": None, "retrain": None}}) == {
+        "target": None, "retrain": None}
+    assert reference_roles({"curves": curves, "references": {}})["target"] == "target"  # files that omit it
+
+
 def test_an_existing_named_output_is_not_overwritten(tmp_path, muse_dir, gpt2_dir, no_model_loading):
     existing = tmp_path / "mine.yaml"
     existing.write_text("keep me\n")

@@ -281,20 +281,37 @@ def mean_ci95(values: Iterable[float | None]) -> dict[str, float | None]:
 # --------------------------------------------------------------------------- writing
 
 
-def _check_directory(directory: Path) -> None:
-    """Raise UsageError unless ``directory`` exists and is writable or can be created."""
+def check_writable_directory(directory: str | os.PathLike, what: str = "output directory") -> Path:
+    """Raise UsageError unless ``directory`` exists and is writable or can be created; return it.
+
+    The nearest existing ancestor must be a directory in which a file can really be created:
+    ``os.access`` alone says yes to root for read-only or virtual filesystems (``/proc``), so a
+    temporary file is created there and removed at once. Nothing else is created.
+    """
+    directory = Path(directory).expanduser()
     ancestor = directory
     while not ancestor.exists():
         if ancestor.parent == ancestor:
             break
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise UsageError(f"cannot create output directory {directory}: {ancestor} is not a directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise UsageError(
-            f"output directory {directory} is not writable ({ancestor} denies writing); "
-            "choose another output path"
-        )
+        raise UsageError(f"cannot create {what} {directory}: {ancestor} is not a directory")
+    denied = None if os.access(ancestor, os.W_OK | os.X_OK) else "denies writing"
+    if denied is None:
+        probe = ancestor / f".relearn-bench-probe.{secrets.token_hex(4)}"
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except OSError as err:
+            denied = f"cannot create files there: {err.strerror or err}"
+        else:
+            probe.unlink(missing_ok=True)
+    if denied is not None:
+        raise UsageError(f"{what} {directory} is not writable ({ancestor} {denied}); choose another path")
+    return directory
+
+
+def _check_directory(directory: Path) -> None:
+    check_writable_directory(directory)
 
 
 def check_output_target(target: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -694,13 +711,15 @@ def validate_result(data: Any) -> list[str]:
 
 def reference_roles(result: Mapping[str, Any]) -> dict[str, str | None]:
     """``{"target": role, "retrain": role}`` (``None`` where absent): the curve roles of the
-    two baselines, from ``references`` or, failing that, roles literally named so."""
+    two baselines, from ``references`` or, where it does not mention a baseline, roles
+    literally named so. ``references: {target: null}`` means there is none: a model attacked
+    under the label ``target`` with ``--no-baselines`` is not the target baseline."""
     curves = result.get("curves") or {}
     refs = result.get("references") or {}
     out: dict[str, str | None] = {}
     for key in ("target", "retrain"):
         role = refs.get(key) if isinstance(refs, Mapping) else None
-        if role is None and key in curves:
+        if role is None and key in curves and not (isinstance(refs, Mapping) and key in refs):
             role = key
         out[key] = role if role in curves else None
     return out
