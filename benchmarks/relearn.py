@@ -550,7 +550,8 @@ def format_plan(plan: Plan) -> str:
         },
         "evaluation": {
             "metrics": ["knowmem_forget", "knowmem_forget_relearn (T)", "knowmem_forget_heldout (V)",
-                        "verbmem_forget", "knowmem_retain"] + (["privleak (steps 0 and last)"] if plan.privleak else []),
+                        "verbmem_forget", "verbmem_forget_relearn (T)", "verbmem_forget_heldout (V)",
+                        "knowmem_retain"] + (["privleak (steps 0 and last)"] if plan.privleak else []),
             "batch_size": plan.eval_batch_size,
             "model_evaluations": len(plan.roles) * (1 + len(plan.seeds) * (len(plan.milestones) - 1)),
         },
@@ -809,6 +810,7 @@ def execute(plan: Plan) -> dict:
 
     splits = {seed: split_documents(ids, count, seed) for seed in plan.seeds}
     groups = {seed: question_groups(evalset.forget_qa, split) for seed, split in splits.items()}
+    verbmem_groups = {seed: question_groups(evalset.verbmem, split) for seed, split in splits.items()}
     trajectories: dict[int, dict[str, dict]] = {}
     zero_points: dict[str, dict] = {}
     retrain_auc = meta.get("retrain_auc")
@@ -833,26 +835,32 @@ def execute(plan: Plan) -> dict:
         trajectories.setdefault(seed, {})[role.label] = record
     bar.close()
     timings["total"] = time.perf_counter() - began
-    return build_result(plan, meta, model_records, data, splits, groups, trajectories, timings, retrain_auc)
+    return build_result(plan, meta, model_records, data, splits, groups, trajectories, timings, retrain_auc,
+                        verbmem_groups=verbmem_groups)
 
 
 # --------------------------------------------------------------------------- the result
 
 
 def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict, groups: dict,
-                 trajectories: dict, timings: dict, retrain_auc: float | None) -> dict:
-    """The result dict (schema of :mod:`benchmarks.core.results`)."""
+                 trajectories: dict, timings: dict, retrain_auc: float | None,
+                 verbmem_groups: dict | None = None) -> dict:
+    """The result dict (schema of :mod:`benchmarks.core.results`). ``groups`` and
+    ``verbmem_groups`` hold per seed the T/V grouping of the knowmem questions and of the
+    verbmem items (without ``verbmem_groups`` VerbMem has no T/V curves)."""
     from benchmarks.core.metrics import KNOWMEM_MAX_NEW_TOKENS, MUSE_NEWS_RETRAIN_AUC_SOURCE, VERBMEM_MAX_NEW_TOKENS
-    from benchmarks.core.recovery import DEFINITIONS, curves_and_summary, point_values
-    from benchmarks.core.results import HIGHER_IS_BETTER, SCHEMA_VERSION, environment_info
+    from benchmarks.core.recovery import DEFINITIONS, SPLIT_RULE, curves_and_summary, point_values
+    from benchmarks.core.results import HIGHER_IS_BETTER, SCHEMA_VERSION, attack_settings_hash, environment_info
 
     steps = plan.milestones
     target = next((r.label for r in plan.roles if r.kind == "target"), None)
     retrain = next((r.label for r in plan.roles if r.kind == "retrain"), None)
     shown = {"target": 0, "retrain": 1}  # baselines first in files, tables and legends
     labels = [r.label for r in sorted(plan.roles, key=lambda r: shown.get(r.kind, 2))]
+    verbmem_groups = verbmem_groups or {}
     points = {
-        label: {seed: {int(s): point_values(raw, groups[seed]) for s, raw in trajectories[seed][label]["curve"].items()}
+        label: {seed: {int(s): point_values(raw, groups[seed], verbmem_groups.get(seed))
+                       for s, raw in trajectories[seed][label]["curve"].items()}
                 for seed in plan.seeds}
         for label in labels
     }
@@ -864,6 +872,15 @@ def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict
         heldout_note = "unavailable: V is empty (every forget document went to the attacker)"
     else:
         heldout_note = "questions grouped into T and V by their doc_id"
+    first_verbmem = verbmem_groups.get(plan.seeds[0])
+    if first_verbmem is None:
+        verbmem_note = "unavailable: the verbmem items were not grouped"
+    elif first_verbmem.held_out is None:
+        verbmem_note = "unavailable: the verbmem items carry no doc_id, so which belong to T or V is unknown"
+    elif "verbmem_forget_heldout" not in metrics:
+        verbmem_note = "unavailable: no verbmem item comes from a document of V"
+    else:
+        verbmem_note = "verbmem items grouped into T and V by their doc_id (the article they are cut from)"
 
     statuses = {t["status"] for per_role in trajectories.values() for t in per_role.values()}
     status = "diverged" if "diverged" in statuses else "complete"
@@ -881,7 +898,7 @@ def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict
     if plan.privleak:
         privleak_reference = ({"auc": retrain_auc, "source": f"retrain model ({retrain}) before the attack"}
                               if retrain else {"auc": None, "source": MUSE_NEWS_RETRAIN_AUC_SOURCE})
-    return {
+    result = {
         "schema_version": SCHEMA_VERSION,
         "run_id": meta["run_id"],
         "command": plan.command,
@@ -900,8 +917,7 @@ def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict
             "heldout_doc_ids": list(first.held_out),
             "splits": {seed: {"relearn_doc_ids": list(s.train), "heldout_doc_ids": list(s.held_out)}
                        for seed, s in splits.items()},
-            "split_rule": "per seed: T = the documents with the smallest sha256('relearn-bench/T-split/<seed>/<doc_id>'); "
-                          "relearn_doc_ids/heldout_doc_ids above are those of the first seed",
+            "split_rule": SPLIT_RULE,
         },
         "data": {"source": plan.data, "kind": plan.data_kind, "splits": data_splits,
                  "missing": data.describe()["missing"]},
@@ -921,8 +937,13 @@ def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict
                 seed: {"all": len(g.all), "relearn": None if g.train is None else len(g.train),
                        "heldout": None if g.held_out is None else len(g.held_out)}
                 for seed, g in groups.items()},
+            "verbmem_items": {
+                seed: {"all": len(g.all), "relearn": None if g.train is None else len(g.train),
+                       "heldout": None if g.held_out is None else len(g.held_out)}
+                for seed, g in verbmem_groups.items()},
             "privleak_reference": privleak_reference,
             "heldout_questions": heldout_note,
+            "heldout_verbmem": verbmem_note,
         },
         "trajectories": {
             label: {seed: {"status": trajectories[seed][label]["status"], "error": trajectories[seed][label]["error"],
@@ -932,13 +953,16 @@ def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict
         "environment": environment_info(_device()),
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
+    # Which runs a leaderboard may compare: the same attack, settings, seeds and T/V rule.
+    result["attack"]["settings_hash"] = attack_settings_hash(result["attack"])
+    return result
 
 
 def format_table(result: dict) -> str:
     """Knowledge before and after the attack, and recovery on held-out V, per curve."""
     from tabulate import tabulate
 
-    from benchmarks.core.recovery import KNOWMEM_ALL, KNOWMEM_V, RETAIN, VERBMEM
+    from benchmarks.core.recovery import KNOWMEM_ALL, KNOWMEM_V, RETAIN, VERBMEM, VERBMEM_V
 
     def cell(stats: dict | None, digits: int = 1) -> str:
         if not stats or stats.get("mean") is None:
@@ -952,15 +976,21 @@ def format_table(result: dict) -> str:
     headers = ["model", "KnowMem-forget before", "after"]
     if heldout:
         headers += ["KnowMem V before", "V after", "V recovery"]
-    headers += ["VerbMem before", "after", "KnowMem-retain before", "after"]
+    verbatim_heldout = any(VERBMEM_V in per_metric for per_metric in result["summary"].values())
+    headers += ["VerbMem before", "after"]
+    if verbatim_heldout:
+        headers += ["VerbMem V before", "V after"]
+    headers += ["KnowMem-retain before", "after"]
     rows = []
     for label, per_metric in result["summary"].items():
         row = [label, cell(per_metric[KNOWMEM_ALL]["before"]), cell(per_metric[KNOWMEM_ALL]["after"])]
         if heldout:
             v = per_metric[KNOWMEM_V]
             row += [cell(v["before"]), cell(v["after"]), cell(v["recovery_ratio"], 2)]
-        row += [cell(per_metric[VERBMEM]["before"]), cell(per_metric[VERBMEM]["after"]),
-                cell(per_metric[RETAIN]["before"]), cell(per_metric[RETAIN]["after"])]
+        row += [cell(per_metric[VERBMEM]["before"]), cell(per_metric[VERBMEM]["after"])]
+        if verbatim_heldout:
+            row += [cell(per_metric[VERBMEM_V]["before"]), cell(per_metric[VERBMEM_V]["after"])]
+        row += [cell(per_metric[RETAIN]["before"]), cell(per_metric[RETAIN]["after"])]
         rows.append(row)
     steps = result["attack"]["milestones"][-1]
     seeds = len(result["attack"]["seeds"])

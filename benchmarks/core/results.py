@@ -61,7 +61,9 @@ ignore keys they do not know.
 
 Metric names in ``curves`` are those of :mod:`benchmarks.core.metrics` (``knowmem_forget``,
 ``verbmem_forget``, ``knowmem_retain``, ``privleak``), plus ``knowmem_forget_heldout`` and
-``knowmem_forget_relearn`` for the KnowMem-forget questions of V and of T (DESIGN §5).
+``knowmem_forget_relearn`` for the KnowMem-forget questions of V and of T (DESIGN §5), and
+``verbmem_forget_heldout`` / ``verbmem_forget_relearn`` for the VerbMem items of V's and T's
+articles (where the items carry a ``doc_id``).
 ``higher_is_better`` is from the unlearner's point of view (``null`` = closer to 0 is better).
 ``excess_over_retrain`` is a *level* difference: what the attacked model knows beyond what the
 retrain model, which never saw the forget data, knows after the same attack. A defense that
@@ -107,6 +109,8 @@ METRIC_LABELS = {
     "knowmem_forget_heldout": "KnowMem-forget on held-out V",
     "knowmem_forget_relearn": "KnowMem-forget on T",
     "verbmem_forget": "VerbMem-forget",
+    "verbmem_forget_heldout": "VerbMem-forget on held-out V",
+    "verbmem_forget_relearn": "VerbMem-forget on T",
     "knowmem_retain": "KnowMem-retain",
     "privleak": "PrivLeak",
 }
@@ -116,6 +120,8 @@ HIGHER_IS_BETTER = {
     "knowmem_forget_heldout": False,
     "knowmem_forget_relearn": False,
     "verbmem_forget": False,
+    "verbmem_forget_heldout": False,
+    "verbmem_forget_relearn": False,
     "knowmem_retain": True,
     "privleak": None,
 }
@@ -723,6 +729,37 @@ def reference_roles(result: Mapping[str, Any]) -> dict[str, str | None]:
             role = key
         out[key] = role if role in curves else None
     return out
+
+
+#: The attack fields that make two runs the same experiment: every attack hyperparameter
+#: (documents in T, steps, lr, schedule, batch, ...), the seeds (each draws its own T), the
+#: milestones (where the curve, and so its area, is measured) and the T/V split rule.
+ATTACK_SETTINGS_FIELDS = ("name", "hyperparameters", "seeds", "milestones", "split_rule")
+
+
+def attack_settings_hash(attack: Mapping[str, Any]) -> str:
+    """12 hex digits of the sha256 of the :data:`ATTACK_SETTINGS_FIELDS` of a result file's
+    ``attack`` section (a missing field counts as null). The runner records it as
+    ``attack.settings_hash``; for files written before it did, the leaderboard computes it
+    from the recorded settings, which gives the same value."""
+    import hashlib
+    import json
+
+    payload = {key: to_plain(attack.get(key)) for key in ATTACK_SETTINGS_FIELDS}
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:12]
+
+
+def data_digest(data: Mapping[str, Any]) -> str | None:
+    """12 hex digits over the sha256 of every split a result file's ``data.splits`` lists:
+    two runs on the same source name but other contents (another world configuration) differ."""
+    import hashlib
+
+    splits = data.get("splits") if isinstance(data, Mapping) else None
+    if not splits:
+        return None
+    lines = [f"{name}={split.get('sha256') if isinstance(split, Mapping) else split}" for name, split in sorted(splits.items())]
+    return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()[:12]
 
 
 def metric_label(metric: str) -> str:
