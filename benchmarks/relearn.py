@@ -218,6 +218,10 @@ class Plan:
     checkpoints: bool
     progress: bool
     notes: list[str] = field(default_factory=list)
+    #: PrivLeak's reference when no retrain curve runs: a world's retrain checkpoint (``WORLD``:
+    #: the default world's, found at run time), measured once and never attacked. None: the
+    #: retrain curve's own step-0 AUC, or for data that is not a world MUSE-News' published value.
+    privleak_reference: str | None = None
 
     def identity(self) -> dict:
         """What determines the numbers (hashes into the resume key): not where files go."""
@@ -233,6 +237,7 @@ class Plan:
             "dtype": self.dtype,
             "eval_batch_size": self.eval_batch_size,
             "privleak": self.privleak,
+            "privleak_reference": self.privleak_reference,
         }
 
     def key(self) -> str:
@@ -347,7 +352,12 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
 
     notes: list[str] = []
     data_kind = _resolve_data(args.data, args.dry_run, notes)
-    preset_name = WORLD if args.data == WORLD else "muse-news"
+    from benchmarks.core.data import world_root_models
+
+    # A built world's root (python -m benchmarks.world --out DIR) brings its own models too.
+    world_models = world_root_models(args.data)
+    world_data = args.data == WORLD or world_models is not None
+    preset_name = WORLD if world_data else "muse-news"
     preset = WORLD_PRESET if preset_name == WORLD else PAPER_PRESET
 
     # ---- the attack and its settings (preset, then flags)
@@ -389,7 +399,7 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
 
     # ---- the models
     roles: list[Role] = []
-    world = args.model is None
+    world = args.model is None and world_models is None  # the default world's target
     if world and args.data != WORLD:
         raise UsageError(f"--model is required with --data {args.data!r} (only the world brings its own models)")
     if args.defense is None:
@@ -411,9 +421,20 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
         if len(set(defenses)) != len(defenses):
             raise UsageError(f"--defense repeats a defense: {args.defense}")
     model_ref = check_model_ref(args.model) if args.model is not None else None
-    model_id = "world/target" if world else args.model
     target_ref = check_model_ref(args.target_model) if args.target_model else None
     retrain_ref = check_model_ref(args.retrain_model) if args.retrain_model else None
+    if world_models is not None:
+        for what, path in (("target", world_models.target), ("retrain", world_models.retrain)):
+            if not (path / "config.json").is_file():
+                raise UsageError(f"world {world_models.root} has no {what} model at {path}; rebuild it with "
+                                 f"python -m benchmarks.world --force --out {world_models.root}")
+        if model_ref is None and args.defense is None:
+            raise UsageError(f"--defense is required with --data {args.data}: e.g. npo,npo_sam to unlearn the world's "
+                             "target, or --model CKPT --defense none to attack a checkpoint")
+        model_ref = model_ref or str(world_models.target)
+        target_ref = target_ref or str(world_models.target)
+        retrain_ref = retrain_ref or str(world_models.retrain)
+    model_id = "world/target" if world else (args.model or model_ref)
 
     if not args.no_baselines:
         if target_ref is not None:
@@ -432,7 +453,7 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
             roles.append(Role(name, "defended", None, defense=name,
                               defense_config=_defense_settings(name, preset_name), base=base))
     else:
-        if world:
+        if args.model is None:
             raise UsageError("--defense none needs --model (the world's target is not unlearned)")
         label = _safe_name(args.label) if args.label else _model_label(args.model)
         if label in {r.label for r in roles}:  # only baselines that run take a name
@@ -446,6 +467,11 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
         notes.append("no target model: recovery ratios need one (--target-model); they are reported as null")
     if not any(r.kind == "retrain" for r in roles):
         notes.append("no retrain model: excess over retrain needs one (--retrain-model); reported as null")
+    privleak_reference = None
+    if args.privleak and (world_data or retrain_ref) and not any(r.kind == "retrain" for r in roles):
+        # Never MUSE-News' published AUC for a world: its own retrain model is the reference.
+        privleak_reference = retrain_ref or (str(world_models.retrain) if world_models else WORLD)
+        notes.append("PrivLeak's reference AUC comes from the retrain model, measured once (not attacked)")
     # Retrain first: its step-0 PrivLeak AUC is the others' reference.
     order = {"retrain": 0, "target": 1, "defended": 2, "attacked": 2}
     roles.sort(key=lambda r: order[r.kind])
@@ -462,7 +488,7 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
     else:
         output_file = None
         directory = Path(args.output_dir) if args.output_dir else Path("results") / _data_label(args.data) / (
-            "world-target" if world else _model_label(args.model))
+            "world-target" if world else _model_label(args.model or model_ref))
         check_output_target(directory)
         _check_writable_dir(directory, "--output-dir")
 
@@ -471,7 +497,7 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
         data=args.data,
         data_kind=data_kind,
         preset=preset_name,
-        world=world or args.data == WORLD,
+        world=world or world_data,
         model_id=model_id,
         model_ref=model_ref,
         roles=roles,
@@ -491,6 +517,7 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
         checkpoints=not args.no_checkpoints,
         progress=not args.no_progress,
         notes=notes,
+        privleak_reference=privleak_reference,
     )
     state_root = Path(args.state_dir) if args.state_dir else _default_state_root()
     _check_writable_dir(state_root, "--state-dir")
@@ -767,11 +794,29 @@ def _attack_one(plan: Plan, role: Role, seed: int, texts: list[str], evalset, st
     }
 
 
+def _reference_auc(plan: Plan, evalset) -> float:
+    """PrivLeak's AUC_retrain from ``plan.privleak_reference``, a retrain model that is not
+    among the curves (so it is measured here, once, and never attacked)."""
+    from benchmarks.core.metrics import privleak
+    from benchmarks.core.models import load_model
+
+    ref = plan.privleak_reference
+    if ref == WORLD:
+        from benchmarks.world import ensure_world
+
+        ref = str(ensure_world().retrain_dir)
+    model, tokenizer = load_model(ref, dtype=plan.dtype, device=_device())
+    leak = privleak(model, tokenizer, evalset.privleak_forget, evalset.privleak_holdout,
+                    batch_size=plan.eval_batch_size, as_retrain=True)
+    logger.info("PrivLeak reference: AUC %.4f of the retrain model %s", leak.details["auc"], ref)
+    return leak.details["auc"]
+
+
 def execute(plan: Plan) -> dict:
     """Run the plan; returns the result dict (written by :func:`main`)."""
     from benchmarks.core.data import load_data
     from benchmarks.core.recovery import EvalSet, document_ids, question_groups, resolve_count, split_documents
-    from benchmarks.core.results import new_run_id, utc_now
+    from benchmarks.core.results import new_run_id, timed, utc_now
 
     timings: dict[str, float] = {}
     began = time.perf_counter()
@@ -808,12 +853,16 @@ def execute(plan: Plan) -> dict:
         for role in plan.roles:
             role.ref = meta["refs"][role.label]
 
+    retrain_auc = meta.get("retrain_auc")
+    if plan.privleak and plan.privleak_reference is not None and retrain_auc is None:
+        with timed(timings, "evaluation"):
+            retrain_auc = _reference_auc(plan, evalset)
+        state.update_meta(retrain_auc=retrain_auc)
     splits = {seed: split_documents(ids, count, seed) for seed in plan.seeds}
     groups = {seed: question_groups(evalset.forget_qa, split) for seed, split in splits.items()}
     verbmem_groups = {seed: question_groups(evalset.verbmem, split) for seed, split in splits.items()}
     trajectories: dict[int, dict[str, dict]] = {}
     zero_points: dict[str, dict] = {}
-    retrain_auc = meta.get("retrain_auc")
     from tqdm.auto import tqdm
 
     jobs = [(seed, role) for seed in plan.seeds for role in plan.roles]
@@ -848,7 +897,12 @@ def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict
     """The result dict (schema of :mod:`benchmarks.core.results`). ``groups`` and
     ``verbmem_groups`` hold per seed the T/V grouping of the knowmem questions and of the
     verbmem items (without ``verbmem_groups`` VerbMem has no T/V curves)."""
-    from benchmarks.core.metrics import KNOWMEM_MAX_NEW_TOKENS, MUSE_NEWS_RETRAIN_AUC_SOURCE, VERBMEM_MAX_NEW_TOKENS
+    from benchmarks.core.metrics import (
+        KNOWMEM_MAX_NEW_TOKENS,
+        MUSE_NEWS_RETRAIN_AUC,
+        MUSE_NEWS_RETRAIN_AUC_SOURCE,
+        VERBMEM_MAX_NEW_TOKENS,
+    )
     from benchmarks.core.recovery import DEFINITIONS, SPLIT_RULE, curves_and_summary, point_values
     from benchmarks.core.results import HIGHER_IS_BETTER, SCHEMA_VERSION, attack_settings_hash, environment_info
 
@@ -896,8 +950,13 @@ def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict
     data_splits = {key: {"n": v["records"], "sha256": v["sha256"]} for key, v in data.describe()["splits"].items()}
     privleak_reference = None
     if plan.privleak:
-        privleak_reference = ({"auc": retrain_auc, "source": f"retrain model ({retrain}) before the attack"}
-                              if retrain else {"auc": None, "source": MUSE_NEWS_RETRAIN_AUC_SOURCE})
+        if retrain:
+            privleak_reference = {"auc": retrain_auc, "source": f"retrain model ({retrain}) before the attack"}
+        elif plan.privleak_reference is not None:
+            privleak_reference = {"auc": retrain_auc,
+                                  "source": f"retrain model ({plan.privleak_reference}), measured once, not attacked"}
+        else:
+            privleak_reference = {"auc": MUSE_NEWS_RETRAIN_AUC, "source": MUSE_NEWS_RETRAIN_AUC_SOURCE}
     result = {
         "schema_version": SCHEMA_VERSION,
         "run_id": meta["run_id"],
