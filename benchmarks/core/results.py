@@ -20,6 +20,7 @@ that could not be measured is ``null``. Lists of per-step values have one entry 
       seeds: [0, 1, 2]
       relearn_doc_ids: [doc-003, doc-017]       # T: forget documents the attacker trains on
       heldout_doc_ids: [doc-001, doc-002, ...]  # V: forget documents the attacker never sees
+      settings_hash: 63ba1b98763b               # optional: attack_settings_hash(); which runs compare
     data:
       source: world                             # hub id, directory or "world"
       splits:                                   # "<subset>/<split>" -> size and digest
