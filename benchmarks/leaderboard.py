@@ -308,6 +308,10 @@ def make_row(path: Path, result: Mapping, role: str, step: int | None, gate: flo
     return row
 
 
+def _or_inf(value: float | None) -> float:
+    return float("inf") if value is None else value
+
+
 def build_rows(results: list[tuple[Path, dict]], budget: int | None = None, gate: float = DEFAULT_GATE,
                utility_fraction: float = DEFAULT_UTILITY_FRACTION) -> dict[Setting, list[Row]]:
     """Rows grouped by :class:`Setting`, ranked rows first (smallest change on V first), then
@@ -334,13 +338,10 @@ def build_rows(results: list[tuple[Path, dict]], budget: int | None = None, gate
         common = max(shared) if shared and max(shared) > 0 else None
         rows = [make_row(path, result, role, _choose_step(steps, budget, common), gate, utility_fraction)
                 for path, result, role, steps in entries]
-        rows.sort(key=lambda r: (
-            not r.ranked,
-            r.change.mean if r.change is not None else float("inf"),
-            r.mean_change if r.mean_change is not None else float("inf"),
-            r.run_id, r.role,
-        ) if r.ranked else (True, r.run_id, r.role))
-        groups[setting] = rows
+        ranked = sorted((r for r in rows if r.ranked), key=lambda r: (r.change.mean, _or_inf(r.mean_change),
+                                                                        r.run_id, r.role))
+        unranked = sorted((r for r in rows if not r.ranked), key=lambda r: (r.run_id, r.role))
+        groups[setting] = ranked + unranked
     return dict(sorted(groups.items(), key=lambda item: item[0].sort_key()))
 
 
