@@ -235,6 +235,10 @@ class Plan:
     checkpoints: bool
     progress: bool
     notes: list[str] = field(default_factory=list)
+    #: PrivLeak's reference when no retrain curve runs: a world's retrain checkpoint (``WORLD``:
+    #: the default world's, found at run time), measured once and never attacked. None: the
+    #: retrain curve's own step-0 AUC, or for data that is not a world MUSE-News' published value.
+    privleak_reference: str | None = None
 
     def identity(self) -> dict:
         """What determines the numbers (hashes into the resume key): not where files go."""
@@ -252,6 +256,7 @@ class Plan:
             "dtype": self.dtype,
             "eval_batch_size": self.eval_batch_size,
             "privleak": self.privleak,
+            "privleak_reference": self.privleak_reference,
         }
 
     def key(self) -> str:
@@ -330,13 +335,9 @@ def _default_state_root() -> Path:
 
 def _check_writable_dir(path: Path, what: str) -> None:
     """A directory we will write into: it exists and is writable, or can be created."""
-    probe = path
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"{what} {path} is not a writable directory; choose another path")
+    from benchmarks.core.results import check_writable_directory
+
+    check_writable_directory(path, what)
 
 
 def _resolve_data(source: str, dry_run: bool, notes: list[str]) -> str:
@@ -371,7 +372,12 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
 
     notes: list[str] = []
     data_kind = _resolve_data(args.data, args.dry_run, notes)
-    preset_name = WORLD if args.data == WORLD else "muse-news"
+    from benchmarks.core.data import world_root_models
+
+    # A built world's root (python -m benchmarks.world --out DIR) brings its own models too.
+    world_models = world_root_models(args.data)
+    world_data = args.data == WORLD or world_models is not None
+    preset_name = WORLD if world_data else "muse-news"
     preset = WORLD_PRESET if preset_name == WORLD else PAPER_PRESET
 
     # ---- the attack and its settings (preset, then flags)
@@ -421,7 +427,7 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
 
     # ---- the models
     roles: list[Role] = []
-    world = args.model is None
+    world = args.model is None and world_models is None  # the default world's target
     if world and args.data != WORLD:
         raise UsageError(f"--model is required with --data {args.data!r} (only the world brings its own models)")
     if args.defense is None:
@@ -443,9 +449,20 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
         if len(set(defenses)) != len(defenses):
             raise UsageError(f"--defense repeats a defense: {args.defense}")
     model_ref = check_model_ref(args.model) if args.model is not None else None
-    model_id = "world/target" if world else args.model
     target_ref = check_model_ref(args.target_model) if args.target_model else None
     retrain_ref = check_model_ref(args.retrain_model) if args.retrain_model else None
+    if world_models is not None:
+        for what, path in (("target", world_models.target), ("retrain", world_models.retrain)):
+            if not (path / "config.json").is_file():
+                raise UsageError(f"world {world_models.root} has no {what} model at {path}; rebuild it with "
+                                 f"python -m benchmarks.world --force --out {world_models.root}")
+        if model_ref is None and args.defense is None:
+            raise UsageError(f"--defense is required with --data {args.data}: e.g. npo,npo_sam to unlearn the world's "
+                             "target, or --model CKPT --defense none to attack a checkpoint")
+        model_ref = model_ref or str(world_models.target)
+        target_ref = target_ref or str(world_models.target)
+        retrain_ref = retrain_ref or str(world_models.retrain)
+    model_id = "world/target" if world else (args.model or model_ref)
 
     if not args.no_baselines:
         if target_ref is not None:
@@ -465,11 +482,11 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
                               defense_config=_defense_settings(name, preset_name), base=base,
                               defense_seeds=dict(defense_seed_of)))
     else:
-        if world:
+        if args.model is None:
             raise UsageError("--defense none needs --model (the world's target is not unlearned)")
         label = _safe_name(args.label) if args.label else _model_label(args.model)
-        if label in ("target", "retrain"):
-            raise UsageError(f"--label {label!r} is taken by a baseline; choose another")
+        if label in {r.label for r in roles}:  # only baselines that run take a name
+            raise UsageError(f"--label {label!r} is taken by a baseline; choose another (or keep --no-baselines)")
         roles.append(Role(label, "attacked", model_ref))
     if args.label and defenses:
         raise UsageError("--label names a model attacked with --defense none; defended models are named by defense")
@@ -479,6 +496,11 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
         notes.append("no target model: recovery ratios need one (--target-model); they are reported as null")
     if not any(r.kind == "retrain" for r in roles):
         notes.append("no retrain model: excess over retrain needs one (--retrain-model); reported as null")
+    privleak_reference = None
+    if args.privleak and (world_data or retrain_ref) and not any(r.kind == "retrain" for r in roles):
+        # Never MUSE-News' published AUC for a world: its own retrain model is the reference.
+        privleak_reference = retrain_ref or (str(world_models.retrain) if world_models else WORLD)
+        notes.append("PrivLeak's reference AUC comes from the retrain model, measured once (not attacked)")
     # Retrain first: its step-0 PrivLeak AUC is the others' reference.
     order = {"retrain": 0, "target": 1, "defended": 2, "attacked": 2}
     roles.sort(key=lambda r: order[r.kind])
@@ -495,7 +517,7 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
     else:
         output_file = None
         directory = Path(args.output_dir) if args.output_dir else Path("results") / _data_label(args.data) / (
-            "world-target" if world else _model_label(args.model))
+            "world-target" if world else _model_label(args.model or model_ref))
         check_output_target(directory)
         _check_writable_dir(directory, "--output-dir")
 
@@ -504,7 +526,7 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
         data=args.data,
         data_kind=data_kind,
         preset=preset_name,
-        world=world or args.data == WORLD,
+        world=world or world_data,
         model_id=model_id,
         model_ref=model_ref,
         roles=roles,
@@ -524,6 +546,7 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
         checkpoints=not args.no_checkpoints,
         progress=not args.no_progress,
         notes=notes,
+        privleak_reference=privleak_reference,
     )
     state_root = Path(args.state_dir) if args.state_dir else _default_state_root()
     _check_writable_dir(state_root, "--state-dir")
@@ -583,7 +606,8 @@ def format_plan(plan: Plan) -> str:
         },
         "evaluation": {
             "metrics": ["knowmem_forget", "knowmem_forget_relearn (T)", "knowmem_forget_heldout (V)",
-                        "verbmem_forget", "knowmem_retain"] + (["privleak (steps 0 and last)"] if plan.privleak else []),
+                        "verbmem_forget", "verbmem_forget_relearn (T)", "verbmem_forget_heldout (V)",
+                        "knowmem_retain"] + (["privleak (steps 0 and last)"] if plan.privleak else []),
             "batch_size": plan.eval_batch_size,
             "model_evaluations": len(plan.roles) * (1 + len(plan.seeds) * (len(plan.milestones) - 1)),
         },
@@ -813,11 +837,29 @@ def _attack_one(plan: Plan, role: Role, seed: int, texts: list[str], evalset, st
     }
 
 
+def _reference_auc(plan: Plan, evalset) -> float:
+    """PrivLeak's AUC_retrain from ``plan.privleak_reference``, a retrain model that is not
+    among the curves (so it is measured here, once, and never attacked)."""
+    from benchmarks.core.metrics import privleak
+    from benchmarks.core.models import load_model
+
+    ref = plan.privleak_reference
+    if ref == WORLD:
+        from benchmarks.core.world_build import ensure_world
+
+        ref = str(ensure_world().retrain_dir)
+    model, tokenizer = load_model(ref, dtype=plan.dtype, device=_device())
+    leak = privleak(model, tokenizer, evalset.privleak_forget, evalset.privleak_holdout,
+                    batch_size=plan.eval_batch_size, as_retrain=True)
+    logger.info("PrivLeak reference: AUC %.4f of the retrain model %s", leak.details["auc"], ref)
+    return leak.details["auc"]
+
+
 def execute(plan: Plan) -> dict:
     """Run the plan; returns the result dict (written by :func:`main`)."""
     from benchmarks.core.data import load_data
     from benchmarks.core.recovery import EvalSet, document_ids, question_groups, resolve_count, split_documents
-    from benchmarks.core.results import new_run_id, utc_now
+    from benchmarks.core.results import new_run_id, timed, utc_now
 
     timings: dict[str, float] = {}
     began = time.perf_counter()
@@ -856,11 +898,16 @@ def execute(plan: Plan) -> dict:
             role.ref = meta["refs"][role.label]
             role.seed_refs = {int(k): v for k, v in meta.get("seed_refs", {}).get(role.label, {}).items()}
 
+    retrain_auc = meta.get("retrain_auc")
+    if plan.privleak and plan.privleak_reference is not None and retrain_auc is None:
+        with timed(timings, "evaluation"):
+            retrain_auc = _reference_auc(plan, evalset)
+        state.update_meta(retrain_auc=retrain_auc)
     splits = {seed: split_documents(ids, count, seed) for seed in plan.seeds}
     groups = {seed: question_groups(evalset.forget_qa, split) for seed, split in splits.items()}
+    verbmem_groups = {seed: question_groups(evalset.verbmem, split) for seed, split in splits.items()}
     trajectories: dict[int, dict[str, dict]] = {}
     zero_points: dict[str, dict] = {}  # checkpoint -> its step-0 measurement
-    retrain_auc = meta.get("retrain_auc")
     from tqdm.auto import tqdm
 
     jobs = [(seed, role) for seed in plan.seeds for role in plan.roles]
@@ -883,26 +930,37 @@ def execute(plan: Plan) -> dict:
         trajectories.setdefault(seed, {})[role.label] = record
     bar.close()
     timings["total"] = time.perf_counter() - began
-    return build_result(plan, meta, model_records, data, splits, groups, trajectories, timings, retrain_auc)
+    return build_result(plan, meta, model_records, data, splits, groups, trajectories, timings, retrain_auc,
+                        verbmem_groups=verbmem_groups)
 
 
 # --------------------------------------------------------------------------- the result
 
 
 def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict, groups: dict,
-                 trajectories: dict, timings: dict, retrain_auc: float | None) -> dict:
-    """The result dict (schema of :mod:`benchmarks.core.results`)."""
-    from benchmarks.core.metrics import KNOWMEM_MAX_NEW_TOKENS, MUSE_NEWS_RETRAIN_AUC_SOURCE, VERBMEM_MAX_NEW_TOKENS
-    from benchmarks.core.recovery import DEFINITIONS, curves_and_summary, point_values
-    from benchmarks.core.results import HIGHER_IS_BETTER, SCHEMA_VERSION, environment_info
+                 trajectories: dict, timings: dict, retrain_auc: float | None,
+                 verbmem_groups: dict | None = None) -> dict:
+    """The result dict (schema of :mod:`benchmarks.core.results`). ``groups`` and
+    ``verbmem_groups`` hold per seed the T/V grouping of the knowmem questions and of the
+    verbmem items (without ``verbmem_groups`` VerbMem has no T/V curves)."""
+    from benchmarks.core.metrics import (
+        KNOWMEM_MAX_NEW_TOKENS,
+        MUSE_NEWS_RETRAIN_AUC,
+        MUSE_NEWS_RETRAIN_AUC_SOURCE,
+        VERBMEM_MAX_NEW_TOKENS,
+    )
+    from benchmarks.core.recovery import DEFINITIONS, SPLIT_RULE, curves_and_summary, point_values
+    from benchmarks.core.results import HIGHER_IS_BETTER, SCHEMA_VERSION, attack_settings_hash, environment_info
 
     steps = plan.milestones
     target = next((r.label for r in plan.roles if r.kind == "target"), None)
     retrain = next((r.label for r in plan.roles if r.kind == "retrain"), None)
     shown = {"target": 0, "retrain": 1}  # baselines first in files, tables and legends
     labels = [r.label for r in sorted(plan.roles, key=lambda r: shown.get(r.kind, 2))]
+    verbmem_groups = verbmem_groups or {}
     points = {
-        label: {seed: {int(s): point_values(raw, groups[seed]) for s, raw in trajectories[seed][label]["curve"].items()}
+        label: {seed: {int(s): point_values(raw, groups[seed], verbmem_groups.get(seed))
+                       for s, raw in trajectories[seed][label]["curve"].items()}
                 for seed in plan.seeds}
         for label in labels
     }
@@ -914,6 +972,15 @@ def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict
         heldout_note = "unavailable: V is empty (every forget document went to the attacker)"
     else:
         heldout_note = "questions grouped into T and V by their doc_id"
+    first_verbmem = verbmem_groups.get(plan.seeds[0])
+    if first_verbmem is None:
+        verbmem_note = "unavailable: the verbmem items were not grouped"
+    elif first_verbmem.held_out is None:
+        verbmem_note = "unavailable: the verbmem items carry no doc_id, so which belong to T or V is unknown"
+    elif "verbmem_forget_heldout" not in metrics:
+        verbmem_note = "unavailable: no verbmem item comes from a document of V"
+    else:
+        verbmem_note = "verbmem items grouped into T and V by their doc_id (the article they are cut from)"
 
     statuses = {t["status"] for per_role in trajectories.values() for t in per_role.values()}
     status = "diverged" if "diverged" in statuses else "complete"
@@ -929,9 +996,14 @@ def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict
     data_splits = {key: {"n": v["records"], "sha256": v["sha256"]} for key, v in data.describe()["splits"].items()}
     privleak_reference = None
     if plan.privleak:
-        privleak_reference = ({"auc": retrain_auc, "source": f"retrain model ({retrain}) before the attack"}
-                              if retrain else {"auc": None, "source": MUSE_NEWS_RETRAIN_AUC_SOURCE})
-    return {
+        if retrain:
+            privleak_reference = {"auc": retrain_auc, "source": f"retrain model ({retrain}) before the attack"}
+        elif plan.privleak_reference is not None:
+            privleak_reference = {"auc": retrain_auc,
+                                  "source": f"retrain model ({plan.privleak_reference}), measured once, not attacked"}
+        else:
+            privleak_reference = {"auc": MUSE_NEWS_RETRAIN_AUC, "source": MUSE_NEWS_RETRAIN_AUC_SOURCE}
+    result = {
         "schema_version": SCHEMA_VERSION,
         "run_id": meta["run_id"],
         "command": plan.command,
@@ -950,8 +1022,7 @@ def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict
             "heldout_doc_ids": list(first.held_out),
             "splits": {seed: {"relearn_doc_ids": list(s.train), "heldout_doc_ids": list(s.held_out)}
                        for seed, s in splits.items()},
-            "split_rule": "per seed: T = the documents with the smallest sha256('relearn-bench/T-split/<seed>/<doc_id>'); "
-                          "relearn_doc_ids/heldout_doc_ids above are those of the first seed",
+            "split_rule": SPLIT_RULE,
         },
         "data": {"source": plan.data, "kind": plan.data_kind, "splits": data_splits,
                  "missing": data.describe()["missing"]},
@@ -971,8 +1042,13 @@ def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict
                 seed: {"all": len(g.all), "relearn": None if g.train is None else len(g.train),
                        "heldout": None if g.held_out is None else len(g.held_out)}
                 for seed, g in groups.items()},
+            "verbmem_items": {
+                seed: {"all": len(g.all), "relearn": None if g.train is None else len(g.train),
+                       "heldout": None if g.held_out is None else len(g.held_out)}
+                for seed, g in verbmem_groups.items()},
             "privleak_reference": privleak_reference,
             "heldout_questions": heldout_note,
+            "heldout_verbmem": verbmem_note,
         },
         "trajectories": {
             label: {seed: {"status": trajectories[seed][label]["status"], "error": trajectories[seed][label]["error"],
@@ -982,13 +1058,16 @@ def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict
         "environment": environment_info(_device()),
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
+    # Which runs a leaderboard may compare: the same attack, settings, seeds and T/V rule.
+    result["attack"]["settings_hash"] = attack_settings_hash(result["attack"])
+    return result
 
 
 def format_table(result: dict) -> str:
     """Knowledge before and after the attack, and recovery on held-out V, per curve."""
     from tabulate import tabulate
 
-    from benchmarks.core.recovery import KNOWMEM_ALL, KNOWMEM_V, RETAIN, VERBMEM
+    from benchmarks.core.recovery import KNOWMEM_ALL, KNOWMEM_V, RETAIN, VERBMEM, VERBMEM_V
 
     def cell(stats: dict | None, digits: int = 1) -> str:
         if not stats or stats.get("mean") is None:
@@ -1002,15 +1081,21 @@ def format_table(result: dict) -> str:
     headers = ["model", "KnowMem-forget before", "after"]
     if heldout:
         headers += ["KnowMem V before", "V after", "V recovery"]
-    headers += ["VerbMem before", "after", "KnowMem-retain before", "after"]
+    verbatim_heldout = any(VERBMEM_V in per_metric for per_metric in result["summary"].values())
+    headers += ["VerbMem before", "after"]
+    if verbatim_heldout:
+        headers += ["VerbMem V before", "V after"]
+    headers += ["KnowMem-retain before", "after"]
     rows = []
     for label, per_metric in result["summary"].items():
         row = [label, cell(per_metric[KNOWMEM_ALL]["before"]), cell(per_metric[KNOWMEM_ALL]["after"])]
         if heldout:
             v = per_metric[KNOWMEM_V]
             row += [cell(v["before"]), cell(v["after"]), cell(v["recovery_ratio"], 2)]
-        row += [cell(per_metric[VERBMEM]["before"]), cell(per_metric[VERBMEM]["after"]),
-                cell(per_metric[RETAIN]["before"]), cell(per_metric[RETAIN]["after"])]
+        row += [cell(per_metric[VERBMEM]["before"]), cell(per_metric[VERBMEM]["after"])]
+        if verbatim_heldout:
+            row += [cell(per_metric[VERBMEM_V]["before"]), cell(per_metric[VERBMEM_V]["after"])]
+        row += [cell(per_metric[RETAIN]["before"]), cell(per_metric[RETAIN]["after"])]
         rows.append(row)
     steps = result["attack"]["milestones"][-1]
     seeds = len(result["attack"]["seeds"])

@@ -184,22 +184,26 @@ class Request:
 
 def plan_request(args: argparse.Namespace, registry=None) -> Request:
     """Check every argument and settle every setting; raises UsageError, loads nothing."""
-    from benchmarks.core.data import resolve_source
+    from benchmarks.core.data import resolve_source, world_root_models
     from benchmarks.core.models import check_model_ref
     from benchmarks.core.results import check_output_target
     from defenses import DEFENSES
 
     registry = registry if registry is not None else DEFENSES
     cls = registry.get(args.defense)
-    if args.model is None:
+    world = world_root_models(args.data) if args.data is not None else None  # a built world's root
+    if args.model is None and world is not None:
+        model_ref, data, preset = check_model_ref(str(world.target)), args.data, "world"
+    elif args.model is None:
         if args.data not in (None, WORLD):
-            raise UsageError(f"--data {args.data} needs --model (only the world brings its own target)")
+            raise UsageError(f"--data {args.data} needs --model (only a world brings its own target)")
         model_ref, data, preset = None, WORLD, "world"
     else:
         if args.data is None:
             raise UsageError("--data is required with --model: 'world', a hub id or a MUSE-News directory")
         model_ref, data = check_model_ref(args.model), args.data
-        preset = "world" if _is_world_target(model_ref) else "paper"
+        own_target = world is not None and Path(model_ref).resolve() == world.target
+        preset = "world" if own_target or _is_world_target(model_ref) else "paper"
     resolve_source(data)
 
     defense_keys = {f.name for f in fields(cls.config_class)}
@@ -231,6 +235,8 @@ def plan_request(args: argparse.Namespace, registry=None) -> Request:
         if report.suffix not in (".yaml", ".yml"):
             raise UsageError(f"--report {args.report!r} should be a .yaml file")
     retrain_ref = check_model_ref(args.retrain) if args.retrain is not None else None
+    if retrain_ref is None and world is not None and not args.no_eval:
+        retrain_ref = check_model_ref(str(world.retrain))  # the world's own reference row
     evaluation = None if args.no_eval else EvalPlan(batch_size=args.eval_batch_size)
     return Request(model_ref, data, preset, defense, config, out, report, retrain_ref, evaluation)
 

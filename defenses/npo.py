@@ -36,7 +36,10 @@ def npo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -
     """
     if not beta > 0:
         raise ValueError(f"NPO needs beta > 0, got {beta}")
-    log_ratio = policy_logps.float() - ref_logps.float()
+    # At least float32 (bf16 log-likelihoods of long sequences are coarse), never below the
+    # inputs: float64 log-likelihoods of ~1e3 differ in digits float32 cannot hold.
+    dtype = torch.promote_types(torch.promote_types(policy_logps.dtype, ref_logps.dtype), torch.float32)
+    log_ratio = policy_logps.to(dtype) - ref_logps.to(dtype)
     return -(2.0 / beta) * F.logsigmoid(-beta * log_ratio).mean()
 
 

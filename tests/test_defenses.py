@@ -281,7 +281,6 @@ def test_retain_partners_cover_the_whole_retain_set_over_epochs():
 
 
 def test_the_training_loop_tells_the_dataset_its_epoch(tiny_model):
-    from torch.utils.data import DataLoader
 
     from benchmarks.core.training import TrainConfig, plain_step, train
 

@@ -39,7 +39,7 @@ def muse_dir(tmp_path):
         "knowmem/forget_qa_icl.json": [{"question": "Who is the mayor?", "answer": "Tilda Quorn"}],
         "knowmem/retain_qa.json": [{"question": "What did Velt Motors unveil?", "answer": "a tram"}],
         "knowmem/retain_qa_icl.json": [{"question": "Who is the mayor?", "answer": "Tilda Quorn"}],
-        "verbmem/forget.json": [{"prompt": "The Marlow Gazette reported", "gt": "that the harbour bridge", "doc_id": "d0"}],
+        "verbmem/forget.json": [{"prompt": t[:20], "gt": t[20:], "doc_id": d} for d, t in FORGET],
         "privleak/forget.json": [{"text": t} for _, t in FORGET[:2]],
         "privleak/holdout.json": [{"text": "A ferry named Orrin began service across the Tamsel lake."},
                                   {"text": "Farmers in Pellow reported the wettest spring in forty years."}],
@@ -150,6 +150,30 @@ def test_an_unwritable_output_dir_is_refused(tmp_path, muse_dir, gpt2_dir, no_mo
         relearn.main(_run_args(gpt2_dir, muse_dir, blocker / "results", tmp_path / "state"))
 
 
+def test_a_model_named_target_is_refused_only_when_the_target_baseline_runs(tmp_path, muse_dir, gpt2_dir,
+                                                                             no_model_loading, capsys):
+    model = tmp_path / "target"
+    gpt2_dir.rename(model)
+    base = ["--model", str(model), "--defense", "none", "--data", str(muse_dir), "--dry-run",
+            "--output-dir", str(tmp_path / "out"), "--state-dir", str(tmp_path / "state")]
+    with pytest.raises(UsageError, match="--label 'target' is taken by a baseline"):
+        relearn.main(base + ["--target-model", str(model)])
+    assert relearn.main(base + ["--no-baselines"]) == 0
+    out = capsys.readouterr().out
+    plan = yaml.safe_load("\n".join(line for line in out.splitlines() if not line.startswith(("dry run", "note:"))))
+    assert list(plan["curves"]) == ["target"]  # the attacked model, and no baseline
+    assert plan["curves"]["target"]["kind"] == "attacked"
+
+
+def test_a_curve_labelled_target_without_baselines_is_not_the_target_reference():
+    from benchmarks.core.results import reference_roles
+
+    curves = {"target": {"steps": [0], "metrics": {}}}
+    assert reference_roles({"curves": curves, "references": {"target": None, "retrain": None}}) == {
+        "target": None, "retrain": None}
+    assert reference_roles({"curves": curves, "references": {}})["target"] == "target"  # files that omit it
+
+
 def test_an_existing_named_output_is_not_overwritten(tmp_path, muse_dir, gpt2_dir, no_model_loading):
     existing = tmp_path / "mine.yaml"
     existing.write_text("keep me\n")
@@ -193,7 +217,15 @@ def test_a_plain_transformers_gpt2_checkpoint_can_be_attacked(tmp_path, muse_dir
     curve = result["curves"]["gpt2-tiny"]
     assert curve["steps"] == [0, 2, 4]
     assert set(curve["metrics"]) >= {"knowmem_forget", "knowmem_forget_heldout", "knowmem_forget_relearn",
-                                     "verbmem_forget", "knowmem_retain"}
+                                     "verbmem_forget", "verbmem_forget_heldout", "verbmem_forget_relearn",
+                                     "knowmem_retain"}
+    # VerbMem items are split by their article like the questions: 2 documents in T, 2 in V.
+    assert result["evaluation"]["verbmem_items"] == {0: {"all": 4, "relearn": 2, "heldout": 2}}
+    verbatim = curve["metrics"]
+    for step in range(3):  # the mean over all four items is the mean of the two halves
+        whole = verbatim["verbmem_forget"]["mean"][step]
+        halves = (verbatim["verbmem_forget_heldout"]["mean"][step] + verbatim["verbmem_forget_relearn"]["mean"][step]) / 2
+        assert whole == pytest.approx(halves)
     leak = curve["metrics"]["privleak"]["per_seed"][0]
     assert leak[0] is not None and leak[1] is None and leak[2] is not None  # before and after only
     assert result["evaluation"]["privleak_reference"]["source"].startswith("published MUSE-News")

@@ -159,7 +159,7 @@ def score_world(paths) -> dict[str, dict[str, float]]:
         )
         if role == "retrain":
             retrain_auc = result.results["privleak"].details["auc"]
-        scores[role] = {name: round(float(result.results[name].value), 2) for name in SCORE_METRICS}
+        scores[role] = {name: round(float(result.results[name].score), 2) for name in SCORE_METRICS}
         del model
     return {role: scores[role] for role in ROLES}
 

@@ -495,14 +495,14 @@ def unlearn_cached(
     world preset for the world's data, else the paper's) on ``data`` (a source string or a
     loaded ``MuseData``), built on first use and cached under ``<cache>/unlearned/`` keyed by
     the base model's hash, the defense, every setting and the data digests."""
-    from benchmarks.core.data import load_data
+    from benchmarks.core.data import WORLD_KINDS, load_data
     from benchmarks.core.models import load_model
     from benchmarks.core.results import read_result
     from benchmarks.core.world_build import cache_root
 
     if isinstance(data, str):
         data = load_data(data, subsets=("raw", "knowmem", "verbmem"))
-    preset = "world" if data.kind == "world" else "paper"
+    preset = "world" if data.kind in WORLD_KINDS else "paper"
     # Whatever is not given comes from the preset, so the cache key and the record are complete.
     settings = {**preset_settings(defense, preset, registry), **(settings or {})}
     instance, config = resolve_settings(defense, settings, registry)

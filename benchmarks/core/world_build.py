@@ -367,9 +367,12 @@ def build_world(config: WorldBuildConfig, root: Path) -> WorldPaths:
 def check_world_target(out_dir: str | os.PathLike | None) -> None:
     """Fail with one line, before any work, when ``out_dir`` (default: the cache) cannot be
     created or written."""
-    from benchmarks.core.results import check_output_directory
+    from benchmarks.core.results import check_writable_directory
 
-    check_output_directory(Path(out_dir).expanduser() if out_dir is not None else cache_root())
+    if out_dir is not None:
+        check_writable_directory(out_dir, "--out")
+    else:
+        check_writable_directory(cache_root(), f"the cache (${CACHE_ENV})")
 
 
 def ensure_world(
