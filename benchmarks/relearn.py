@@ -524,8 +524,9 @@ def format_plan(plan: Plan) -> str:
                      "batch 4, cosine, 2048-token chunks; its 100/125/150-step attacks are read off one 150-step run "
                      "(one trajectory per curve), so those points share the 150-step cosine schedule")
     if plan.data_kind == "hub" or (plan.data_kind != "world" and not plan.world):
-        notes.append("questions without a doc_id (MUSE-News as published) make T/V recovery unavailable; it is "
-                     "reported as such, never guessed")
+        notes.append("questions without a doc_id (MUSE-News as published) are attributed to a raw/forget document "
+                     "by BM25 (ambiguous ones are marked so); V keeps only questions whose document is not in T and "
+                     "whose answer occurs in no T document, with the count removed by each rule in the result")
     if not plan.world and plan.attack == "finetune" and plan.dtype == "float32":
         notes.append("full fine-tuning in float32 holds weights, gradients and two AdamW moments (16 bytes per "
                      "parameter); for a 7B model on one GPU use --attack lora, or --dtype bfloat16 "
@@ -773,8 +774,11 @@ def _attack_one(plan: Plan, role: Role, seed: int, texts: list[str], evalset, st
 def execute(plan: Plan) -> dict:
     """Run the plan; returns the result dict (written by :func:`main`)."""
     from benchmarks.core.data import load_data
-    from benchmarks.core.recovery import EvalSet, document_ids, question_groups, resolve_count, split_documents
+    from benchmarks.core.attribution import attribute_data
+    from benchmarks.core.leakage import guarded_groups
+    from benchmarks.core.recovery import EvalSet, document_ids, resolve_count, split_documents
     from benchmarks.core.results import new_run_id, utc_now
+    from benchmarks.world import cache_root
 
     timings: dict[str, float] = {}
     began = time.perf_counter()
@@ -784,6 +788,8 @@ def execute(plan: Plan) -> dict:
     text_of = dict(zip(ids, (r["text"] for r in forget)))
     count = resolve_count(len(ids), plan.attack_config.relearn_docs, plan.attack_config.relearn_fraction)
     evalset = EvalSet.from_data(data, privleak=plan.privleak)
+    # Which document each question comes from: given by the world, attributed for MUSE-News.
+    attribution = attribute_data(data, cache_dir=cache_root() / "attribution")
     timings["data"] = time.perf_counter() - began
 
     state = RunState(plan.state_dir, plan.checkpoints)
@@ -812,7 +818,8 @@ def execute(plan: Plan) -> dict:
             role.ref = meta["refs"][role.label]
 
     splits = {seed: split_documents(ids, count, seed) for seed in plan.seeds}
-    groups = {seed: question_groups(evalset.forget_qa, split) for seed, split in splits.items()}
+    groups = {seed: guarded_groups(evalset.forget_qa, attribution.get("knowmem/forget_qa"), split, text_of)
+              for seed, split in splits.items()}
     trajectories: dict[int, dict[str, dict]] = {}
     zero_points: dict[str, dict] = {}
     retrain_auc = meta.get("retrain_auc")
@@ -837,16 +844,19 @@ def execute(plan: Plan) -> dict:
         trajectories.setdefault(seed, {})[role.label] = record
     bar.close()
     timings["total"] = time.perf_counter() - began
-    return build_result(plan, meta, model_records, data, splits, groups, trajectories, timings, retrain_auc)
+    return build_result(plan, meta, model_records, data, splits, groups, trajectories, timings, retrain_auc,
+                        attribution=attribution)
 
 
 # --------------------------------------------------------------------------- the result
 
 
 def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict, groups: dict,
-                 trajectories: dict, timings: dict, retrain_auc: float | None) -> dict:
-    """The result dict (schema of :mod:`benchmarks.core.results`)."""
+                 trajectories: dict, timings: dict, retrain_auc: float | None, attribution=None) -> dict:
+    """The result dict (schema of :mod:`benchmarks.core.results`); ``attribution`` (a
+    ``DataAttribution``) says which document each question was grouped by."""
     from benchmarks.core.metrics import KNOWMEM_MAX_NEW_TOKENS, MUSE_NEWS_RETRAIN_AUC_SOURCE, VERBMEM_MAX_NEW_TOKENS
+    from benchmarks.core.leakage import GUARD_RULE
     from benchmarks.core.recovery import DEFINITIONS, curves_and_summary, point_values
     from benchmarks.core.results import HIGHER_IS_BETTER, SCHEMA_VERSION, environment_info
 
@@ -861,13 +871,26 @@ def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict
         for label in labels
     }
     curves, summary, metrics = curves_and_summary(steps, points, target, retrain, privleak=plan.privleak)
+    question_counts = {"knowmem_forget_relearn": "train", "knowmem_forget_heldout": "held_out"}
+    for per_label in curves.values():  # every T/V figure carries the number of questions behind it
+        for metric, group in question_counts.items():
+            if metric in per_label["metrics"]:
+                per_label["metrics"][metric]["questions"] = {seed: len(getattr(g, group) or ()) for seed, g in groups.items()}
     first_groups = groups[plan.seeds[0]]
+    forget_attribution = attribution.get("knowmem/forget_qa") if attribution is not None else None
     if first_groups.held_out is None:
         heldout_note = f"unavailable: {first_groups.reason}"
+    elif not splits[plan.seeds[0]].held_out:
+        heldout_note = ("not held out: every forget document went to the attacker (the paper's setting), so V is "
+                        "empty and every forget question was in the attacker's documents")
     elif "knowmem_forget_heldout" not in metrics:
-        heldout_note = "unavailable: V is empty (every forget document went to the attacker)"
+        heldout_note = "unavailable: no forget question passed the leakage guard into V"
+    elif forget_attribution is not None and forget_attribution.coverage()["attributed"]:
+        heldout_note = (f"questions grouped into T and V by the raw/forget document attributed to them "
+                        f"({attribution.method['name']}, margin threshold {attribution.method['threshold']}), "
+                        "under the leakage guard (see attribution)")
     else:
-        heldout_note = "questions grouped into T and V by their doc_id"
+        heldout_note = "questions grouped into T and V by their doc_id, under the leakage guard (see attribution)"
 
     statuses = {t["status"] for per_role in trajectories.values() for t in per_role.values()}
     status = "diverged" if "diverged" in statuses else "complete"
@@ -923,7 +946,8 @@ def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict
                           "(step 0 once per model: it precedes any seed-dependent update)",
             "knowmem_forget_questions": {
                 seed: {"all": len(g.all), "relearn": None if g.train is None else len(g.train),
-                       "heldout": None if g.held_out is None else len(g.held_out)}
+                       "heldout": None if g.held_out is None else len(g.held_out),
+                       **({"heldout_removed": dict(g.removed)} if g.removed is not None else {})}
                 for seed, g in groups.items()},
             "privleak_reference": privleak_reference,
             "heldout_questions": heldout_note,
@@ -933,6 +957,7 @@ def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict
                            "losses": trajectories[seed][label]["losses"]} for seed in plan.seeds}
             for label in labels
         },
+        **({"attribution": {**attribution.to_dict(), "heldout_guard": GUARD_RULE}} if attribution is not None else {}),
         "environment": environment_info(_device()),
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
@@ -953,16 +978,18 @@ def format_table(result: dict) -> str:
         return text
 
     heldout = any(KNOWMEM_V in per_metric for per_metric in result["summary"].values())
+    questions = result["evaluation"]["knowmem_forget_questions"]
     headers = ["model", "KnowMem-forget before", "after"]
     if heldout:
-        headers += ["KnowMem V before", "V after", "V recovery"]
+        headers += ["KnowMem V before", "V after", "V recovery", "V questions"]
     headers += ["VerbMem before", "after", "KnowMem-retain before", "after"]
     rows = []
     for label, per_metric in result["summary"].items():
         row = [label, cell(per_metric[KNOWMEM_ALL]["before"]), cell(per_metric[KNOWMEM_ALL]["after"])]
         if heldout:
             v = per_metric[KNOWMEM_V]
-            row += [cell(v["before"]), cell(v["after"]), cell(v["recovery_ratio"], 2)]
+            row += [cell(v["before"]), cell(v["after"]), cell(v["recovery_ratio"], 2), _count_range(
+                [q["heldout"] for q in questions.values()])]
         row += [cell(per_metric[VERBMEM]["before"]), cell(per_metric[VERBMEM]["after"]),
                 cell(per_metric[RETAIN]["before"]), cell(per_metric[RETAIN]["after"])]
         rows.append(row)
@@ -971,11 +998,23 @@ def format_table(result: dict) -> str:
     caption = f"{result['attack']['name']} attack, {steps} steps, {seeds} seed(s); mean ± 95% t-interval half-width"
     if heldout:
         caption += "; V recovery = (after − before) / (target before − before) on the held-out documents V"
+        removed = [q["heldout_removed"] for q in questions.values() if q.get("heldout_removed")]
+        if removed:
+            caption += (f"; V questions: {_count_range([q['heldout'] for q in questions.values()])} of "
+                        f"{_count_range([q['all'] for q in questions.values()])}, kept out of V by the leakage guard: "
+                        + ", ".join(f"{rule.replace('_', ' ')} {_count_range([r[rule] for r in removed])}"
+                                    for rule in removed[0]))
     else:
         caption += f"; held-out recovery: {result['evaluation']['heldout_questions']}"
     table = tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True,
                      colalign=("left",) + ("right",) * (len(headers) - 1))
     return table + "\n" + caption
+
+
+def _count_range(counts: list) -> str:
+    """One count, or the range over seeds ("41" or "38–44")."""
+    low, high = min(counts), max(counts)
+    return str(low) if low == high else f"{low}–{high}"
 
 
 # --------------------------------------------------------------------------- entry point

@@ -131,13 +131,15 @@ class ItemGroups:
     """Indices of evaluation items: all of them, those of T's documents, those of V's.
 
     ``train``/``held_out`` are None when the items do not say which document they come
-    from; ``reason`` then says why the T/V scores are unavailable.
+    from; ``reason`` then says why the T/V scores are unavailable. ``removed`` counts, per
+    rule, the questions a leakage guard kept out of V (:mod:`benchmarks.core.leakage`).
     """
 
     all: tuple[int, ...]
     train: tuple[int, ...] | None
     held_out: tuple[int, ...] | None
     reason: str | None = None
+    removed: Mapping[str, int] | None = None
 
 
 def question_groups(records: Sequence[Mapping[str, Any]], split: DocumentSplit) -> ItemGroups:
