@@ -263,3 +263,16 @@ def test_muse_news_held_out_curves_carry_their_question_counts(tmp_path, muse_ne
     table = capsys.readouterr().out
     assert "V questions" in table and f"V questions: {counts['heldout']} of 100" in table
     assert f"answer in T {counts['heldout_removed']['answer_in_T']}" in table
+
+
+@pytest.mark.slow
+def test_the_papers_whole_corpus_setting_is_labelled_not_held_out(tmp_path, muse_dir, gpt2_dir, capsys):
+    out = tmp_path / "out"
+    args = _run_args(gpt2_dir, muse_dir, out, tmp_path / "state")
+    args[args.index("--relearn-docs") + 1] = "100%"
+    assert relearn.main(args) == 0
+    result = read_result(_only_result(out))
+    assert result["attack"]["documents"] == {"forget": 4, "relearn": 4, "heldout": 0}
+    assert result["evaluation"]["heldout_questions"].startswith("not held out: every forget document went to the attacker")
+    assert "knowmem_forget_heldout" not in result["curves"]["gpt2-tiny"]["metrics"]
+    assert "held-out recovery: not held out" in capsys.readouterr().out
