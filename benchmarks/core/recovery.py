@@ -146,7 +146,9 @@ def question_groups(records: Sequence[Mapping[str, Any]], split: DocumentSplit) 
     """Group evaluation records (questions, verbmem prompts) by the document they come from.
 
     Items whose ``doc_id`` is in neither T nor V count in ``all`` only. If no record carries a
-    ``doc_id`` (MUSE-News proper), the T/V groups are unavailable, never guessed.
+    ``doc_id`` (MUSE-News proper), the T/V groups are unavailable, never guessed; the runner
+    groups such questions by their attributed documents instead, under a leakage guard
+    (:func:`benchmarks.core.leakage.guarded_groups`).
     """
     everything = tuple(range(len(records)))
     with_ids = [i for i, r in enumerate(records) if r.get("doc_id") is not None]
