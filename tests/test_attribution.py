@@ -280,9 +280,11 @@ def test_forget_questions_go_to_the_one_record_holding_their_answer(muse_news):
     # bus to Hel in Poland; the Jerusalem Pride march), the answer string occurs there by
     # coincidence and the question's own article is not in the copy: such a record is no
     # ground truth. On every other question the method must find the record.
-    plausible = {i for i, doc in fixed.items()
-                 if not _proper_names(questions[i]["question"])
-                 or any(re.search(rf"\b{re.escape(n)}\b", original[doc]) for n in _proper_names(questions[i]["question"]))}
+    def names_the_subject(index: int, doc: int) -> bool:
+        names = _proper_names(questions[index]["question"])
+        return not names or any(re.search(rf"\b{re.escape(n)}\b", original[doc]) for n in names)
+
+    plausible = {i for i, doc in fixed.items() if names_the_subject(i, doc)}
     coverage = forget.coverage()
     print(f"forget questions: {len(right)} of {len(fixed)} with a single answer record attributed to it "
           f"({len(right & plausible)} of {len(plausible)} where that record names the question's subject); "

@@ -346,7 +346,9 @@ def _cache_key(data, threshold: float) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:24]
 
 
-def attribute_data(data, threshold: float = DEFAULT_THRESHOLD, cache_dir: str | os.PathLike | None = None) -> DataAttribution:
+def attribute_data(
+    data, threshold: float = DEFAULT_THRESHOLD, cache_dir: str | os.PathLike | None = None
+) -> DataAttribution:
     """Attribute ``knowmem/forget_qa``, ``verbmem/forget`` and ``knowmem/retain_qa`` of a
     ``MuseData`` to their raw documents (see :data:`DOCUMENT_SPLITS`).
 
