@@ -101,6 +101,20 @@ def test_threshold_outside_its_range_is_refused():
         attribute_items(["x"], DOCS, ["a", "b", "c", "d"], threshold=1.5)
 
 
+def test_a_verbmem_passage_running_into_the_next_article_names_it():
+    first = " ".join(f"alpha{i}" for i in range(30)) + " " + " ".join(f"beta{i}" for i in range(90))
+    second = " ".join(f"gamma{i}" for i in range(150))
+    other = " ".join(f"delta{i}" for i in range(150))
+    words = first.split()[30:] + second.split()[:120]  # starts inside the first, runs into the second
+    record = {"prompt": " ".join(words[:100]), "gt": " ".join(words[100:])}
+    documents = [{"text": t} for t in (first, second, other)]
+    split = attribution_module.attribute_split("verbmem/forget", [record], documents, ["a", "b", "c"], ("forget",))
+    [item] = split.items
+    assert (item.status, item.doc_id, item.runs_into) == (ATTRIBUTED, "a", ("b",))
+    assert item.to_dict()["runs_into"] == ["b"]
+    assert ItemAttribution.from_dict(item.to_dict()).runs_into == ("b",)
+
+
 # --------------------------------------------------------------------------- data sets
 
 

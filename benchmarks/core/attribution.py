@@ -36,7 +36,7 @@ import json
 import logging
 import os
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -71,8 +71,11 @@ TOKEN_PATTERN = r"(?u)\b\w+\b"
 DEFAULT_THRESHOLD = 0.1
 #: Words of a verbmem prompt's opening used as its query.
 VERBMEM_QUERY_WORDS = 20
+#: Later windows of a verbmem passage (prompt + gt) start every this many words; each is
+#: attributed like the opening, and the documents they land in are the item's ``runs_into``.
+VERBMEM_WINDOW_STRIDE = 100
 #: Bumped when the method changes, so that cached results of an older method are not reused.
-METHOD_VERSION = 1
+METHOD_VERSION = 2
 
 GIVEN, ATTRIBUTED, AMBIGUOUS, NO_MATCH = "given", "attributed", "ambiguous", "no_match"
 STATUSES = (GIVEN, ATTRIBUTED, AMBIGUOUS, NO_MATCH)
@@ -99,13 +102,15 @@ class ItemAttribution:
     """Where one item came from. ``doc_id`` is None unless ``status`` is given/attributed;
     ``best`` is the top document even for an ambiguous item (for auditing); ``margin`` is the
     relative margin (None for given ids); ``same_text`` lists other ids whose text equals the
-    assigned document's."""
+    assigned document's; ``runs_into`` (verbmem items) the other documents that later parts
+    of the passage are attributed to, in passage order."""
 
     status: str
     doc_id: str | None
     best: str | None = None
     margin: float | None = None
     same_text: tuple[str, ...] = ()
+    runs_into: tuple[str, ...] = ()
 
     @property
     def assigned(self) -> bool:
@@ -122,12 +127,15 @@ class ItemAttribution:
             out.update(best=self.best, margin=None if self.margin is None else round(self.margin, 6))
         if self.same_text:
             out["same_text"] = list(self.same_text)
+        if self.runs_into:
+            out["runs_into"] = list(self.runs_into)
         return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ItemAttribution":
         return cls(status=data["status"], doc_id=data["doc_id"], best=data.get("best"),
-                   margin=data.get("margin"), same_text=tuple(data.get("same_text", ())))
+                   margin=data.get("margin"), same_text=tuple(data.get("same_text", ())),
+                   runs_into=tuple(data.get("runs_into", ())))
 
 
 @dataclass(frozen=True)
@@ -189,7 +197,8 @@ def method_description(threshold: float) -> dict[str, Any]:
         "ngrams": list(NGRAM_RANGE),
         "tokens": "lower-cased word characters (regex " + TOKEN_PATTERN + ")",
         "query": {"knowmem": "question + ' ' + answer",
-                  "verbmem": f"the first {VERBMEM_QUERY_WORDS} words of the prompt"},
+                  "verbmem": f"the first {VERBMEM_QUERY_WORDS} words of the prompt; windows of as many words "
+                             f"every {VERBMEM_WINDOW_STRIDE} words of prompt + gt give runs_into"},
         "margin": "(s1 - s2) / s1: s1 the top document's score, s2 the best score of a document with another text",
         "threshold": threshold,
         "rule": "assign the top document when margin >= threshold, else ambiguous; no_match when no document "
@@ -296,6 +305,27 @@ def _query(split_key: str, record: Mapping[str, Any]) -> str:
     return f"{record['question']} {record['answer']}"
 
 
+def _later_windows(record: Mapping[str, Any]) -> list[str]:
+    """Queries for the later parts of a verbmem passage: :data:`VERBMEM_QUERY_WORDS` words
+    every :data:`VERBMEM_WINDOW_STRIDE` words of prompt + gt (a last window shorter than half
+    the size is dropped: too few words to place)."""
+    words = (record["prompt"] + " " + record["gt"]).split()
+    starts = range(VERBMEM_WINDOW_STRIDE, len(words) - VERBMEM_QUERY_WORDS // 2, VERBMEM_WINDOW_STRIDE)
+    return [" ".join(words[start:start + VERBMEM_QUERY_WORDS]) for start in starts]
+
+
+def _with_runs_into(
+    item: ItemAttribution, record: Mapping[str, Any], texts, doc_ids, threshold: float, index: BM25Index
+) -> ItemAttribution:
+    """``item`` with the documents that the passage's later windows land in (MUSE's verbmem
+    passages often start in one article and run on into the next)."""
+    later = []
+    for window in attribute_items(_later_windows(record), texts, doc_ids, threshold, index):
+        if window.assigned and window.doc_id not in item.documents and window.doc_id not in later:
+            later.append(window.doc_id)
+    return replace(item, runs_into=tuple(later)) if later else item
+
+
 def attribute_split(
     split_key: str,
     records: Sequence[Mapping[str, Any]],
@@ -311,7 +341,11 @@ def attribute_split(
     ranked = {}
     if to_rank:
         texts = [d["text"] for d in documents]
+        index = index or BM25Index(texts)
         found = attribute_items([_query(split_key, records[i]) for i in to_rank], texts, doc_ids, threshold, index)
+        if split_key.startswith("verbmem/"):
+            found = [_with_runs_into(item, records[i], texts, doc_ids, threshold, index)
+                     for i, item in zip(to_rank, found)]
         ranked = dict(zip(to_rank, found))
     items = tuple(ranked[i] if i in ranked else ItemAttribution(GIVEN, str(r["doc_id"]))
                   for i, r in enumerate(records))
