@@ -576,8 +576,9 @@ def format_plan(plan: Plan) -> str:
                      "batch 4, cosine, 2048-token chunks; its 100/125/150-step attacks are read off one 150-step run "
                      "(one trajectory per curve), so those points share the 150-step cosine schedule")
     if plan.data_kind == "hub" or (plan.data_kind != "world" and not plan.world):
-        notes.append("questions without a doc_id (MUSE-News as published) make T/V recovery unavailable; it is "
-                     "reported as such, never guessed")
+        notes.append("questions without a doc_id (MUSE-News as published) are attributed to a raw/forget document "
+                     "by BM25 (ambiguous ones are marked so); V keeps only questions whose document is not in T and "
+                     "whose answer occurs in no T document, with the count removed by each rule in the result")
     if not plan.world and plan.attack == "finetune" and plan.dtype == "float32":
         notes.append("full fine-tuning in float32 holds weights, gradients and two AdamW moments (16 bytes per "
                      "parameter); for a 7B model on one GPU use --attack lora, or --dtype bfloat16 "
@@ -858,8 +859,11 @@ def _reference_auc(plan: Plan, evalset) -> float:
 def execute(plan: Plan) -> dict:
     """Run the plan; returns the result dict (written by :func:`main`)."""
     from benchmarks.core.data import load_data
+    from benchmarks.core.attribution import attribute_data
+    from benchmarks.core.leakage import guarded_groups
     from benchmarks.core.recovery import EvalSet, document_ids, question_groups, resolve_count, split_documents
     from benchmarks.core.results import new_run_id, timed, utc_now
+    from benchmarks.core.world_build import cache_root
 
     timings: dict[str, float] = {}
     began = time.perf_counter()
@@ -869,6 +873,8 @@ def execute(plan: Plan) -> dict:
     text_of = dict(zip(ids, (r["text"] for r in forget)))
     count = resolve_count(len(ids), plan.attack_config.relearn_docs, plan.attack_config.relearn_fraction)
     evalset = EvalSet.from_data(data, privleak=plan.privleak)
+    # Which document each question comes from: given by the world, attributed for MUSE-News.
+    attribution = attribute_data(data, cache_dir=cache_root() / "attribution")
     timings["data"] = time.perf_counter() - began
 
     state = RunState(plan.state_dir, plan.checkpoints)
@@ -904,7 +910,8 @@ def execute(plan: Plan) -> dict:
             retrain_auc = _reference_auc(plan, evalset)
         state.update_meta(retrain_auc=retrain_auc)
     splits = {seed: split_documents(ids, count, seed) for seed in plan.seeds}
-    groups = {seed: question_groups(evalset.forget_qa, split) for seed, split in splits.items()}
+    groups = {seed: guarded_groups(evalset.forget_qa, attribution.get("knowmem/forget_qa"), split, text_of)
+              for seed, split in splits.items()}
     verbmem_groups = {seed: question_groups(evalset.verbmem, split) for seed, split in splits.items()}
     trajectories: dict[int, dict[str, dict]] = {}
     zero_points: dict[str, dict] = {}  # checkpoint -> its step-0 measurement
@@ -931,7 +938,7 @@ def execute(plan: Plan) -> dict:
     bar.close()
     timings["total"] = time.perf_counter() - began
     return build_result(plan, meta, model_records, data, splits, groups, trajectories, timings, retrain_auc,
-                        verbmem_groups=verbmem_groups)
+                        verbmem_groups=verbmem_groups, attribution=attribution)
 
 
 # --------------------------------------------------------------------------- the result
@@ -939,10 +946,12 @@ def execute(plan: Plan) -> dict:
 
 def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict, groups: dict,
                  trajectories: dict, timings: dict, retrain_auc: float | None,
-                 verbmem_groups: dict | None = None) -> dict:
+                 verbmem_groups: dict | None = None, attribution=None) -> dict:
     """The result dict (schema of :mod:`benchmarks.core.results`). ``groups`` and
     ``verbmem_groups`` hold per seed the T/V grouping of the knowmem questions and of the
-    verbmem items (without ``verbmem_groups`` VerbMem has no T/V curves)."""
+    verbmem items (without ``verbmem_groups`` VerbMem has no T/V curves); ``attribution`` (a
+    ``DataAttribution``) says which document each question was grouped by."""
+    from benchmarks.core.leakage import GUARD_RULE
     from benchmarks.core.metrics import (
         KNOWMEM_MAX_NEW_TOKENS,
         MUSE_NEWS_RETRAIN_AUC,
@@ -965,13 +974,26 @@ def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict
         for label in labels
     }
     curves, summary, metrics = curves_and_summary(steps, points, target, retrain, privleak=plan.privleak)
+    question_counts = {"knowmem_forget_relearn": "train", "knowmem_forget_heldout": "held_out"}
+    for per_label in curves.values():  # every T/V figure carries the number of questions behind it
+        for metric, group in question_counts.items():
+            if metric in per_label["metrics"]:
+                per_label["metrics"][metric]["questions"] = {seed: len(getattr(g, group) or ()) for seed, g in groups.items()}
     first_groups = groups[plan.seeds[0]]
+    forget_attribution = attribution.get("knowmem/forget_qa") if attribution is not None else None
     if first_groups.held_out is None:
         heldout_note = f"unavailable: {first_groups.reason}"
+    elif not splits[plan.seeds[0]].held_out:
+        heldout_note = ("not held out: every forget document went to the attacker (the paper's setting), so V is "
+                        "empty and every forget question was in the attacker's documents")
     elif "knowmem_forget_heldout" not in metrics:
-        heldout_note = "unavailable: V is empty (every forget document went to the attacker)"
+        heldout_note = "unavailable: no forget question passed the leakage guard into V"
+    elif forget_attribution is not None and forget_attribution.coverage()["attributed"]:
+        heldout_note = (f"questions grouped into T and V by the raw/forget document attributed to them "
+                        f"({attribution.method['name']}, margin threshold {attribution.method['threshold']}), "
+                        "under the leakage guard (see attribution)")
     else:
-        heldout_note = "questions grouped into T and V by their doc_id"
+        heldout_note = "questions grouped into T and V by their doc_id, under the leakage guard (see attribution)"
     first_verbmem = verbmem_groups.get(plan.seeds[0])
     if first_verbmem is None:
         verbmem_note = "unavailable: the verbmem items were not grouped"
@@ -1040,7 +1062,8 @@ def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict
                           "(step 0 once per model: it precedes any seed-dependent update)",
             "knowmem_forget_questions": {
                 seed: {"all": len(g.all), "relearn": None if g.train is None else len(g.train),
-                       "heldout": None if g.held_out is None else len(g.held_out)}
+                       "heldout": None if g.held_out is None else len(g.held_out),
+                       **({"heldout_removed": dict(g.removed)} if g.removed is not None else {})}
                 for seed, g in groups.items()},
             "verbmem_items": {
                 seed: {"all": len(g.all), "relearn": None if g.train is None else len(g.train),
@@ -1055,6 +1078,7 @@ def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict
                            "losses": trajectories[seed][label]["losses"]} for seed in plan.seeds}
             for label in labels
         },
+        **({"attribution": {**attribution.to_dict(), "heldout_guard": GUARD_RULE}} if attribution is not None else {}),
         "environment": environment_info(_device()),
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
@@ -1078,9 +1102,10 @@ def format_table(result: dict) -> str:
         return text
 
     heldout = any(KNOWMEM_V in per_metric for per_metric in result["summary"].values())
+    questions = result["evaluation"]["knowmem_forget_questions"]
     headers = ["model", "KnowMem-forget before", "after"]
     if heldout:
-        headers += ["KnowMem V before", "V after", "V recovery"]
+        headers += ["KnowMem V before", "V after", "V recovery", "V questions"]
     verbatim_heldout = any(VERBMEM_V in per_metric for per_metric in result["summary"].values())
     headers += ["VerbMem before", "after"]
     if verbatim_heldout:
@@ -1091,7 +1116,8 @@ def format_table(result: dict) -> str:
         row = [label, cell(per_metric[KNOWMEM_ALL]["before"]), cell(per_metric[KNOWMEM_ALL]["after"])]
         if heldout:
             v = per_metric[KNOWMEM_V]
-            row += [cell(v["before"]), cell(v["after"]), cell(v["recovery_ratio"], 2)]
+            row += [cell(v["before"]), cell(v["after"]), cell(v["recovery_ratio"], 2), _count_range(
+                [q["heldout"] for q in questions.values()])]
         row += [cell(per_metric[VERBMEM]["before"]), cell(per_metric[VERBMEM]["after"])]
         if verbatim_heldout:
             row += [cell(per_metric[VERBMEM_V]["before"]), cell(per_metric[VERBMEM_V]["after"])]
@@ -1102,11 +1128,23 @@ def format_table(result: dict) -> str:
     caption = f"{result['attack']['name']} attack, {steps} steps, {seeds} seed(s); mean ± 95% t-interval half-width"
     if heldout:
         caption += "; V recovery = (after − before) / (target before − before) on the held-out documents V"
+        removed = [q["heldout_removed"] for q in questions.values() if q.get("heldout_removed")]
+        if removed:
+            caption += (f"; V questions: {_count_range([q['heldout'] for q in questions.values()])} of "
+                        f"{_count_range([q['all'] for q in questions.values()])}, kept out of V by the leakage guard: "
+                        + ", ".join(f"{rule.replace('_', ' ')} {_count_range([r[rule] for r in removed])}"
+                                    for rule in removed[0]))
     else:
         caption += f"; held-out recovery: {result['evaluation']['heldout_questions']}"
     table = tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True,
                      colalign=("left",) + ("right",) * (len(headers) - 1))
     return table + "\n" + caption
+
+
+def _count_range(counts: list) -> str:
+    """One count, or the range over seeds ("41" or "38–44")."""
+    low, high = min(counts), max(counts)
+    return str(low) if low == high else f"{low}–{high}"
 
 
 # --------------------------------------------------------------------------- entry point

@@ -270,15 +270,41 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_numbers(tmp_path, 
 
 @pytest.mark.slow
 @pytest.mark.muse_news
-def test_muse_news_questions_without_doc_ids_report_held_out_recovery_as_unavailable(
-        tmp_path, muse_news_dir, gpt2_dir):
+def test_muse_news_held_out_curves_carry_their_question_counts(tmp_path, muse_news_dir, gpt2_dir, capsys,
+                                                               monkeypatch):
+    monkeypatch.setenv("RELEARN_BENCH_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
     args = ["--model", str(gpt2_dir), "--defense", "none", "--data", str(muse_news_dir), "--steps", "1",
-            "--relearn-docs", "2", "--seeds", "0", "--max-length", "64", "--eval-batch-size", "100",
+            "--relearn-docs", "50%", "--seeds", "0", "--max-length", "64", "--eval-batch-size", "100",
             "--output-dir", str(out), "--state-dir", str(tmp_path / "state"), "--no-progress"]
     assert relearn.main(args) == 0
     result = read_result(_only_result(out))
     assert validate_result(result) == []
-    assert set(result["curves"]["gpt2-tiny"]["metrics"]) == {"knowmem_forget", "verbmem_forget", "knowmem_retain"}
-    assert result["evaluation"]["heldout_questions"].startswith("unavailable: the questions carry no doc_id")
-    assert result["attack"]["documents"] == {"forget": 889, "relearn": 2, "heldout": 887}
+    metrics = result["curves"]["gpt2-tiny"]["metrics"]
+    assert {"knowmem_forget_heldout", "knowmem_forget_relearn"} <= set(metrics)
+    counts = result["evaluation"]["knowmem_forget_questions"][0]
+    assert metrics["knowmem_forget_heldout"]["questions"] == {0: counts["heldout"]}
+    assert metrics["knowmem_forget_relearn"]["questions"] == {0: counts["relearn"]}
+    assert counts["heldout"] > 0
+    assert counts["heldout"] + sum(counts["heldout_removed"].values()) == counts["all"] == 100
+    assert result["attack"]["documents"] == {"forget": 889, "relearn": 444, "heldout": 445}
+    attribution = result["attribution"]
+    assert attribution["method"]["name"] == "bm25"
+    assert len(attribution["splits"]["knowmem/forget_qa"]["items"]) == 100
+    assert result["evaluation"]["heldout_questions"].startswith("questions grouped into T and V by the raw/forget")
+    table = capsys.readouterr().out
+    assert "V questions" in table and f"V questions: {counts['heldout']} of 100" in table
+    assert f"answer in T {counts['heldout_removed']['answer_in_T']}" in table
+
+
+@pytest.mark.slow
+def test_the_papers_whole_corpus_setting_is_labelled_not_held_out(tmp_path, muse_dir, gpt2_dir, capsys):
+    out = tmp_path / "out"
+    args = _run_args(gpt2_dir, muse_dir, out, tmp_path / "state")
+    args[args.index("--relearn-docs") + 1] = "100%"
+    assert relearn.main(args) == 0
+    result = read_result(_only_result(out))
+    assert result["attack"]["documents"] == {"forget": 4, "relearn": 4, "heldout": 0}
+    assert result["evaluation"]["heldout_questions"].startswith("not held out: every forget document went to the attacker")
+    assert "knowmem_forget_heldout" not in result["curves"]["gpt2-tiny"]["metrics"]
+    assert "held-out recovery: not held out" in capsys.readouterr().out

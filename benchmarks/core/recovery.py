@@ -142,20 +142,24 @@ class ItemGroups:
     """Indices of evaluation items: all of them, those of T's documents, those of V's.
 
     ``train``/``held_out`` are None when the items do not say which document they come
-    from; ``reason`` then says why the T/V scores are unavailable.
+    from; ``reason`` then says why the T/V scores are unavailable. ``removed`` counts, per
+    rule, the questions a leakage guard kept out of V (:mod:`benchmarks.core.leakage`).
     """
 
     all: tuple[int, ...]
     train: tuple[int, ...] | None
     held_out: tuple[int, ...] | None
     reason: str | None = None
+    removed: Mapping[str, int] | None = None
 
 
 def question_groups(records: Sequence[Mapping[str, Any]], split: DocumentSplit) -> ItemGroups:
     """Group evaluation records (questions, verbmem prompts) by the document they come from.
 
     Items whose ``doc_id`` is in neither T nor V count in ``all`` only. If no record carries a
-    ``doc_id`` (MUSE-News proper), the T/V groups are unavailable, never guessed.
+    ``doc_id`` (MUSE-News proper), the T/V groups are unavailable, never guessed; the runner
+    groups such questions by their attributed documents instead, under a leakage guard
+    (:func:`benchmarks.core.leakage.guarded_groups`).
     """
     everything = tuple(range(len(records)))
     with_ids = [i for i, r in enumerate(records) if r.get("doc_id") is not None]
