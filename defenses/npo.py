@@ -36,7 +36,8 @@ def npo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -
     """
     if not beta > 0:
         raise ValueError(f"NPO needs beta > 0, got {beta}")
-    log_ratio = policy_logps.float() - ref_logps.float()
+    dtype = torch.promote_types(policy_logps.dtype, torch.float32)  # at least fp32; fp64 stays fp64
+    log_ratio = policy_logps.to(dtype) - ref_logps.to(dtype)
     return -(2.0 / beta) * F.logsigmoid(-beta * log_ratio).mean()
 
 
