@@ -108,6 +108,21 @@ _ATTACK_FLAGS = {
 }
 
 
+def _generated_attack_flags() -> dict:
+    """Flags for the registered attacks' own settings not listed in ``_ATTACK_FLAGS`` (a new
+    attack's config fields become flags with no edit here)."""
+    from attacks import attack_flags
+
+    listed = {name for name, _, _ in _ATTACK_FLAGS.values()}
+    return {name: entry for name, entry in attack_flags().items() if name not in listed}
+
+
+def _attack_plan(name: str) -> list[str]:
+    from attacks.compose import describe_plan
+
+    return describe_plan(name)["plan"]
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse whose errors are one line (``error: ...``), exit 2, like every usage error."""
 
@@ -137,11 +152,20 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="model weights dtype")
 
     attack = parser.add_argument_group("attack")
-    attack.add_argument("--attack", default="finetune", help="relearning attack by exact name: finetune or lora")
+    attack.add_argument("--attack", default="finetune",
+                        help="attack by exact name (benign, finetune, lora, quantize), or a plan of names joined by "
+                             "'+' such as finetune+quantize (train, then quantize at each milestone)")
     attack.add_argument("--relearn-docs", default=None,
                         help="forget documents given to the attacker: a count (8) or a fraction (0.5 or 50%%)")
     for flag, (_, kind, text) in _ATTACK_FLAGS.items():
         attack.add_argument(f"--{flag}", type=str if kind is str else kind, default=None, help=text)
+    for name, entry in _generated_attack_flags().items():
+        text = f"{entry['help']} [{', '.join(entry['attacks'])}]"
+        if entry["type"] is bool:
+            attack.add_argument(f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=None,
+                                dest=name, help=text)
+        else:
+            attack.add_argument(f"--{name.replace('_', '-')}", type=entry["type"], default=None, dest=name, help=text)
     attack.add_argument("--seeds", default=None, help="comma-separated seeds (each draws T/V and the data order)")
     attack.add_argument("--milestones", default=None, help="comma-separated steps to evaluate at (0 and --steps are added)")
     attack.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps instead of --milestones")
@@ -345,7 +369,7 @@ def _defense_settings(name: str, preset: str) -> dict:
 
 def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
     """Check every argument and fix the run; raises :class:`UsageError` before any loading."""
-    from attacks import ATTACKS
+    from attacks import attack_class
     from benchmarks.core.models import check_model_ref
     from benchmarks.core.results import check_output_target, command_line
 
@@ -355,16 +379,24 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
     preset = WORLD_PRESET if preset_name == WORLD else PAPER_PRESET
 
     # ---- the attack and its settings (preset, then flags)
-    attack_cls = ATTACKS.get(args.attack)
-    settings = {**preset["attack"], **preset.get("attack_overrides", {}).get(args.attack, {})}
+    attack_cls = attack_class(args.attack)
+    first = getattr(attack_cls, "parts", (attack_cls,))[0].name  # a plan takes its training part's preset
+    settings = {**preset["attack"], **preset.get("attack_overrides", {}).get(first, {})}
     if args.relearn_docs is not None:
         settings.update(parse_relearn_docs(args.relearn_docs))
-    for flag, (name, kind, _) in _ATTACK_FLAGS.items():
+    from dataclasses import fields as _fields
+
+    accepted = {f.name for f in _fields(attack_cls.config_class)}
+    generated = _generated_attack_flags()
+    given = [(flag, name) for flag, (name, _, _) in _ATTACK_FLAGS.items()]
+    given += [(name.replace("_", "-"), name) for name in generated]
+    for flag, name in given:
         value = getattr(args, flag.replace("-", "_"))
         if value is None:
             continue
-        if name.startswith("lora_") and args.attack != "lora":
-            raise UsageError(f"--{flag} applies to the lora attack only (this run uses --attack {args.attack})")
+        if name not in accepted:
+            users = ", ".join(generated[name]["attacks"]) if name in generated else "lora"
+            raise UsageError(f"--{flag} applies to the {users} attack only (this run uses --attack {args.attack})")
         if name == "lora_targets":
             value = tuple(t.strip() for t in value.split(",") if t.strip())
         if name == "max_grad_norm" and value == 0:
@@ -701,11 +733,11 @@ def _attack_one(plan: Plan, role: Role, seed: int, texts: list[str], evalset, st
     """
     import torch
 
-    from attacks import ATTACKS
+    from attacks import attack_class
     from benchmarks.core.models import load_model
     from benchmarks.core.recovery import measure_point
 
-    attack = ATTACKS.get(plan.attack)(plan.attack_config)
+    attack = attack_class(plan.attack)(plan.attack_config)
     loaded, tokenizer = load_model(role.ref, dtype=plan.dtype, device=_device())
     model = attack.prepare(loaded)
     last = plan.milestones[-1]
@@ -824,7 +856,11 @@ def execute(plan: Plan) -> dict:
         bar.set_postfix_str(f"{role.label} seed {seed}")
         record = state.finished(seed, role.label)
         if record is None:
-            texts = [text_of[d] for d in splits[seed].train]
+            from attacks import attack_class
+
+            # What the attack trains on: T's documents, or (benign) text without forget knowledge.
+            texts = attack_class(plan.attack)(plan.attack_config).documents(
+                [text_of[d] for d in splits[seed].train], data, seed)
             record = _attack_one(plan, role, seed, texts, evalset, state, retrain_auc, zero_points.get(role.label))
             state.finish(seed, role.label, record)
         # Counted from the records, so a resumed run reports the time of the whole run.
@@ -895,6 +931,7 @@ def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict
         "defense": defense,
         "attack": {
             "name": plan.attack,
+            "plan": _attack_plan(plan.attack),  # the attacks applied, in order
             "hyperparameters": plan.attack_config.to_dict(),
             "seeds": list(plan.seeds),
             "milestones": list(steps),
