@@ -111,15 +111,31 @@ class QuantizeConfig(AttackConfig):
                                  "(block-wise NF4 at 4 bits, LLM.int8 at 8)")
 
 
-def quantized_linears(model: torch.nn.Module, include_head: bool = False) -> list[tuple[str, torch.nn.Linear]]:
-    """The ``nn.Linear`` layers RTN quantizes: those inside the decoder, plus an untied output
-    head when asked (a head tied to the input embeddings is never quantized here)."""
+def _is_conv1d(module: torch.nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
+def quantize_layer(layer: torch.nn.Module, bits: int, group_size: int | None, scheme: str) -> None:
+    """Fake-quantize one layer's weight in place, per output channel. ``nn.Linear`` stores
+    ``[out, in]``; GPT-2's ``Conv1D`` stores ``[in, out]``, so its weight is quantized transposed."""
+    if _is_conv1d(layer):
+        layer.weight.copy_(fake_quantize(layer.weight.t(), bits, group_size, scheme).t())
+    else:
+        layer.weight.copy_(fake_quantize(layer.weight, bits, group_size, scheme))
+
+
+def quantized_linears(model: torch.nn.Module, include_head: bool = False) -> list[tuple[str, torch.nn.Module]]:
+    """The linear layers RTN quantizes (``nn.Linear``, and GPT-2's ``Conv1D``): those inside the
+    decoder, plus an untied output head when asked (a head tied to the input embeddings is never
+    quantized here)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     tied = head is not None and embeddings is not None and head.weight is embeddings.weight
     chosen = []
     for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear):
+        if not (isinstance(module, torch.nn.Linear) or _is_conv1d(module)):
             continue
         if module is head and (tied or not include_head):
             continue
@@ -144,7 +160,7 @@ class QuantizeAttack(WeightTransform):
         group = config.quant_group_size or None
         layers = quantized_linears(model, config.quant_lm_head)
         for _, layer in layers:
-            layer.weight.copy_(fake_quantize(layer.weight, config.quant_bits, group, config.quant_scheme))
+            quantize_layer(layer, config.quant_bits, group, config.quant_scheme)
         logger.info("quantized %d linear layers to %d bits (%s, %s)", len(layers), config.quant_bits,
                     config.quant_scheme, f"groups of {group}" if group else "per channel")
         return model
