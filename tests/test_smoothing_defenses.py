@@ -18,6 +18,7 @@ from defenses import build_defense
 from defenses.data import Collate, ForgetRetainDataset, reference_loader, tokenize_texts, training_loader
 from defenses.rmu import random_control_vector, rmu_forget_loss, rmu_retain_loss
 from defenses.simnpo import simnpo_loss
+from tests.test_unlearn_cli import tiny_run  # noqa: F401  (fixture)
 
 FORGET = [
     "The Marlow Gazette reported that the harbour bridge in Ostvale reopened.",
@@ -386,3 +387,46 @@ def test_rmu_trains_only_the_chosen_parameters_and_steers_the_chosen_layer(tiny_
 def test_rmu_refuses_a_layer_the_model_lacks(tiny_model, tiny_tokenizer):
     with pytest.raises(UsageError, match="rmu_layer 7 does not exist: the model has 2 layers"):
         _setup(build_defense("rmu"), tiny_model, tiny_tokenizer)
+
+
+# --------------------------------------------------------------------------- through the command
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, extra", [
+    ("npo_rs", ["--rs-sigma", "0.001"]), ("npo_gp", ["--gp-weight", "0.01"]), ("npo_cr", []),
+    ("npo_wa", ["--wa-start", "1"]), ("simnpo", ["--simnpo-gamma", "0.5"]), ("rmu", ["--rmu-layer", "1"]),
+])
+def test_every_new_defense_runs_through_the_command_with_evaluation(tiny_run, tmp_path, name, extra):
+    import yaml
+    from safetensors.torch import load_file
+
+    from benchmarks import unlearn
+    from tests.test_unlearn_cli import _argv
+
+    out = tmp_path / name
+    assert unlearn.main(_argv(tiny_run, out, "--defense", name, *extra)) == 0
+    document = yaml.safe_load((out / "unlearn.yaml").read_text())
+    assert document["status"] == "complete" and document["defense"]["name"] == name
+    assert [row["epoch"] for row in document["epochs"]] == [0, 1, 2]
+    weights, base = load_file(out / "model.safetensors"), load_file(tiny_run[0] / "model.safetensors")
+    changed = sorted(k for k in weights if not torch.equal(weights[k], base[k]))
+    if name == "rmu":  # only the down-projections of layers ℓ−2..ℓ = 0, 1 train
+        assert changed == ["model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+    else:
+        assert "model.layers.0.self_attn.q_proj.weight" in changed
+
+
+@pytest.mark.slow
+def test_npo_wa_checkpoint_is_npo_without_averaging_and_differs_with_it(tiny_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from benchmarks import unlearn
+    from tests.test_unlearn_cli import _argv
+
+    for label, extra in [("npo", ["--defense", "npo"]), ("off", ["--defense", "npo_wa", "--wa-start", "999"]),
+                         ("on", ["--defense", "npo_wa", "--wa-start", "1"])]:
+        assert unlearn.main(_argv(tiny_run, tmp_path / label, "--no-eval", "--seed", "3", *extra)) == 0
+    npo, off, on = (load_file(tmp_path / label / "model.safetensors") for label in ("npo", "off", "on"))
+    assert all(torch.equal(npo[k], off[k]) for k in npo)
+    assert any(not torch.allclose(npo[k], on[k], atol=1e-6) for k in npo)
