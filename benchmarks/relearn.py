@@ -169,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--seeds", default=None, help="comma-separated seeds (each draws T/V and the data order)")
     attack.add_argument("--milestones", default=None, help="comma-separated steps to evaluate at (0 and --steps are added)")
     attack.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps instead of --milestones")
+    attack.add_argument("--lr-sweep", default=None,
+                        help="comma-separated learning rates: one run per rate, then the attacker's best per model "
+                             "(see --utility-cap), written to a sweep file beside the runs' files")
+    attack.add_argument("--utility-cap", type=float, default=0.9,
+                        help="with --lr-sweep: milestones count only while KnowMem-retain stays >= this fraction "
+                             "of the model's own before the attack (default 0.9)")
 
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--privleak", action="store_true", help="also measure PrivLeak before and after the attack")
@@ -1021,6 +1027,8 @@ def format_table(result: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    if args.lr_sweep is not None:
+        return _lr_sweep(args, argv)
     plan = make_plan(args, argv)
     if args.dry_run:
         print(format_plan(plan))
@@ -1029,7 +1037,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    return _run(plan)[0]
 
+
+def _run(plan: Plan) -> tuple[int, Path, dict]:
+    """Execute ``plan`` and write its files: (exit code, result YAML, result)."""
     from benchmarks.core.plots import plot_recovery
     from benchmarks.core.results import write_yaml_atomic
 
@@ -1047,8 +1059,86 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote {output_yaml}\nwrote {output_png}")
     if result["status"] != "complete":
         print(f"warning: run {result['status']}; see trajectories in {output_yaml}", file=sys.stderr)
-        return 3
-    return 0
+        return 3, output_yaml, result
+    return 0, output_yaml, result
+
+
+def _lr_sweep(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    """``--lr-sweep``: every plan made (and checked) first, then one ordinary run per learning
+    rate (its own result file), then the sweep file (``benchmarks.core.sweep``)."""
+    import copy
+
+    from benchmarks.core.results import command_line, new_run_id, utc_now, write_yaml_atomic
+    from benchmarks.core.sweep import lr_sweep_summary, parse_grid
+
+    grid = parse_grid(args.lr_sweep)
+    if args.lr is not None:
+        raise UsageError("give --lr or --lr-sweep, not both")
+    if args.output is not None:
+        raise UsageError("--lr-sweep writes one file per learning rate: use --output-dir, not --output")
+    if not 0 <= args.utility_cap <= 1:
+        raise UsageError(f"--utility-cap must lie in [0, 1], got {args.utility_cap}")
+    plans = {}
+    for lr in grid:
+        one = copy.copy(args)
+        one.lr, one.lr_sweep = lr, None
+        plans[lr] = make_plan(one, argv)
+    if args.dry_run:
+        for lr, plan in plans.items():
+            print(f"# --lr {lr}")
+            print(format_plan(plan))
+        return 0
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    files, results, code = {}, {}, 0
+    given = list(argv if argv is not None else sys.argv[1:])
+    for lr, plan in plans.items():
+        logger.info("learning-rate sweep: lr %g", lr)
+        # Each run records the command that reproduces it alone.
+        plan.command = command_line("benchmarks.relearn", _without_sweep(given) + ["--lr", repr(lr)])
+        status, path, result = _run(plan)
+        code = max(code, status)
+        files[f"{lr:g}"], results[lr] = str(path), result
+    table = lr_sweep_summary(results, args.utility_cap)
+    first = next(iter(plans.values()))
+    document = {
+        "kind": "lr_sweep",
+        "command": command_line("benchmarks.relearn", argv),
+        "created": utc_now(),
+        "attack": first.attack,
+        "learning_rates": grid,
+        "utility_cap": args.utility_cap,
+        "rule": "per model: the best mean over seeds of KnowMem-forget on V (all forget questions when V is "
+                "unavailable) among the milestones before KnowMem-retain first falls below utility_cap x its "
+                "value before the attack; best over the learning rates",
+        "runs": files,
+        "best": table,
+    }
+    path = first.output_dir / f"relearn-lrsweep-{first.output_prefix.removeprefix('relearn-')}-{new_run_id()}.yaml"
+    write_yaml_atomic(path, document, overwrite=False)
+    for label, entry in table.items():
+        print(f"{label}: best {entry['best']} at lr {entry['best_lr']}  " + ", ".join(
+            f"lr {lr}: {e['mean'] if e['mean'] is None else round(e['mean'], 1)}" for lr, e in entry["per_lr"].items()))
+    print(f"wrote {path}")
+    return code
+
+
+def _without_sweep(argv: list[str]) -> list[str]:
+    """``argv`` without ``--lr-sweep``/``--utility-cap`` and their values."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+            continue
+        if item in ("--lr-sweep", "--utility-cap"):
+            skip = True
+            continue
+        if item.startswith(("--lr-sweep=", "--utility-cap=")):
+            continue
+        out.append(item)
+    return out
 
 
 if __name__ == "__main__":
