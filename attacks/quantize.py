@@ -18,7 +18,9 @@ The model is *fake*-quantized: each weight is replaced in place by its dequantiz
 later fine-tuning) runs unchanged and sees exactly the quantized function. What is quantized:
 the weights of the ``nn.Linear`` layers inside the decoder (attention and MLP projections), the
 layers GPTQ/AWQ/bitsandbytes quantize; embeddings, norms and the output head stay as they are
-(``quant_lm_head`` includes the head when it is not tied to the embeddings).
+(``quant_lm_head`` includes the head when it is not tied to the embeddings). A model with LoRA
+adapters (``lora+quantize``) is quantized as it would be deployed: a copy with the adapters
+merged into the weights.
 
 ``quant_backend bitsandbytes`` (CUDA with ``bitsandbytes`` installed) instead reloads the model
 through transformers' ``BitsAndBytesConfig`` (LLM.int8 at 8 bits, NF4 at 4 bits): the real
@@ -28,6 +30,8 @@ suite.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import tempfile
 from dataclasses import dataclass, field
@@ -155,6 +159,10 @@ class QuantizeAttack(WeightTransform):
     @torch.no_grad()
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
         config = self.config
+        if _has_adapters(model):
+            # LoRA adapters (a lora+quantize plan): a deployed model has them merged into its
+            # weights before quantizing, so a merged copy is quantized and the adapters stay.
+            model = copy.deepcopy(model).merge_and_unload()
         if config.quant_backend == "bitsandbytes":
             return _bitsandbytes_copy(model, config.quant_bits)
         group = config.quant_group_size or None
@@ -164,6 +172,28 @@ class QuantizeAttack(WeightTransform):
         logger.info("quantized %d linear layers to %d bits (%s, %s)", len(layers), config.quant_bits,
                     config.quant_scheme, f"groups of {group}" if group else "per channel")
         return model
+
+
+    @contextlib.contextmanager
+    def applied(self, model: torch.nn.Module):
+        """The quantized model for the block; only the weights RTN changes are saved (on the
+        CPU) and put back, not the whole state."""
+        if self.config.quant_backend == "bitsandbytes" or _has_adapters(model):  # a copy: nothing to restore
+            yield self.apply(model)
+            return
+        layers = quantized_linears(model, self.config.quant_lm_head)
+        saved = [layer.weight.detach().to("cpu", copy=True) for _, layer in layers]
+        try:
+            yield self.apply(model)
+        finally:
+            with torch.no_grad():
+                for (_, layer), weight in zip(layers, saved):
+                    layer.weight.copy_(weight.to(layer.weight.device))
+
+
+def _has_adapters(model: torch.nn.Module) -> bool:
+    """Whether ``model`` carries peft adapters that merge into its weights."""
+    return callable(getattr(model, "merge_and_unload", None))
 
 
 def _bitsandbytes_copy(model: torch.nn.Module, bits: int) -> torch.nn.Module:

@@ -152,8 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="model weights dtype")
 
     attack = parser.add_argument_group("attack")
+    from attacks import ATTACKS
+
     attack.add_argument("--attack", default="finetune",
-                        help="attack by exact name (benign, finetune, lora, quantize), or a plan of names joined by "
+                        help=f"attack by exact name ({', '.join(ATTACKS.names())}), or a plan of names joined by "
                              "'+' such as finetune+quantize (train, then quantize at each milestone)")
     attack.add_argument("--relearn-docs", default=None,
                         help="forget documents given to the attacker: a count (8) or a fraction (0.5 or 50%%)")

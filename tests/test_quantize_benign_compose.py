@@ -185,6 +185,19 @@ def test_finetune_then_quantize_measures_quantized_copies_and_trains_in_full_pre
     assert torch.equal(seen[4], fake_quantize(alone.model.layers[0].mlp.up_proj.weight, 4))
 
 
+def test_lora_then_quantize_quantizes_the_merged_weights_and_keeps_the_adapters(tiny_model, tiny_tokenizer):
+    plan = make_attack("lora+quantize", **{**SMALL, "lr": 5e-2}, quant_bits=4)
+    model = plan.prepare(tiny_model)
+    seen = {}
+    plan.run(model, tiny_tokenizer, DOCS, seed=0, hook=lambda s, m: seen.__setitem__(s, m), hook_steps=[0, 4],
+             progress=False)
+    merged = copy.deepcopy(model).merge_and_unload()
+    q_proj = merged.model.layers[0].self_attn.q_proj.weight
+    measured = seen[4].model.layers[0].self_attn.q_proj.weight
+    assert torch.equal(measured, fake_quantize(q_proj, 4))  # quantized after merging B·A into W
+    assert any("lora_" in k for k in plan.trainable_state(model))  # the attacked model keeps its adapters
+
+
 def test_new_attack_settings_become_relearn_flags():
     from benchmarks import relearn
 

@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from benchmarks.core.sam import Perturbation, _split, accumulate_gradients, restore, trainable_parameters
+from benchmarks.core.sam import Perturbation, accumulate_gradients, restore, trainable_parameters
 
 LossFn = Callable[[torch.nn.Module, Any], "torch.Tensor | tuple[torch.Tensor, dict[str, float]]"]
 
@@ -189,6 +189,12 @@ class _Functional(torch.nn.Module):
 
     def forward(self, *args, **kwargs):
         return self._call(self._model[0], self._replaced, args, kwargs, strict=False)
+
+
+def _split(output) -> tuple[torch.Tensor, dict[str, float]]:
+    if isinstance(output, tuple):
+        return output[0], dict(output[1])
+    return output, {}
 
 
 def penalty_loss(forget_loss_fn: LossFn, penalty: Callable, weight: float) -> LossFn:
