@@ -430,3 +430,25 @@ def test_npo_wa_checkpoint_is_npo_without_averaging_and_differs_with_it(tiny_run
     npo, off, on = (load_file(tmp_path / label / "model.safetensors") for label in ("npo", "off", "on"))
     assert all(torch.equal(npo[k], off[k]) for k in npo)
     assert any(not torch.allclose(npo[k], on[k], atol=1e-6) for k in npo)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("utilities, kept", [([50.0, 49.0, 48.0, 47.0], 3), ([50.0, 49.0, 46.0, 30.0], 2)])
+def test_npo_wa_epochs_are_judged_and_kept_on_the_averaged_weights(tiny_run, tmp_path, monkeypatch, utilities, kept):
+    from safetensors.torch import load_file
+
+    from benchmarks import unlearn
+    from tests.test_unlearn_cli import _argv, _scripted_evaluation
+
+    seen = _scripted_evaluation(monkeypatch, utilities)
+    out = tmp_path / "wa"
+    assert unlearn.main(_argv(tiny_run, out, "--defense", "npo_wa", "--epochs", "3", "--seed", "3")) == 0
+    saved = load_file(out / "model.safetensors")
+    for name, value in saved.items():
+        assert torch.allclose(value, seen[kept][name], atol=0, rtol=0), name  # what was evaluated is kept
+    # ... and what was evaluated is the running mean, not the trajectory's own weights: a plain
+    # NPO run with the same seed ends elsewhere.
+    plain = tmp_path / "npo"
+    assert unlearn.main(_argv(tiny_run, plain, "--defense", "npo", "--epochs", "3", "--seed", "3", "--no-eval")) == 0
+    npo = load_file(plain / "model.safetensors")
+    assert any(not torch.allclose(npo[k], saved[k], atol=1e-6) for k in npo)
