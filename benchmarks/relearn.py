@@ -1105,8 +1105,11 @@ def _lr_sweep(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         files[f"{lr:g}"], results[lr] = str(path), result
     table = lr_sweep_summary(results, args.utility_cap)
     first = next(iter(plans.values()))
+    run_id = new_run_id()
     document = {
+        "schema_version": 1,
         "kind": "lr_sweep",
+        "run_id": run_id,
         "command": command_line("benchmarks.relearn", argv),
         "created": utc_now(),
         "attack": first.attack,
@@ -1118,7 +1121,7 @@ def _lr_sweep(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         "runs": files,
         "best": table,
     }
-    path = first.output_dir / f"relearn-lrsweep-{first.output_prefix.removeprefix('relearn-')}-{new_run_id()}.yaml"
+    path = first.output_dir / f"relearn-lrsweep-{first.output_prefix.removeprefix('relearn-')}-{run_id}.yaml"
     write_yaml_atomic(path, document, overwrite=False)
     for label, entry in table.items():
         print(f"{label}: best {entry['best']} at lr {entry['best_lr']}  " + ", ".join(

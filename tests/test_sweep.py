@@ -67,6 +67,11 @@ def test_lr_sweep_runs_once_per_rate_and_writes_the_sweep_file(tmp_path, muse_di
         assert run["attack"]["hyperparameters"]["lr"] == lr
         assert f"--lr {lr!r}" in run["command"] and "--lr-sweep" not in run["command"]
     assert set(document["best"]["gpt2-tiny"]["per_lr"]) == {"0.001", "0.01"}
+    # The leaderboard ranks the runs and leaves the sweep file out (neither ranked nor broken).
+    from benchmarks.leaderboard import load_results
+
+    results, broken = load_results(out)
+    assert len(results) == 2 and broken == []
 
 
 def test_lr_sweep_refuses_a_single_lr_flag(tmp_path, muse_dir, gpt2_dir):
