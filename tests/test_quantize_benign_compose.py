@@ -280,3 +280,19 @@ def test_relearn_runs_quantize_and_a_plan_and_records_them(tmp_path, muse_dir, g
     assert result["attack"]["plan"] == attack.split("+")
     assert result["attack"]["hyperparameters"]["quant_bits"] == 8
     assert result["curves"]["gpt2-tiny"]["steps"] == steps
+
+
+@pytest.mark.slow
+def test_relearn_runs_the_benign_attack_on_the_retain_articles(tmp_path, muse_dir, gpt2_dir):
+    from benchmarks import relearn
+    from benchmarks.core.results import read_result, validate_result
+    from tests.test_relearn_cli import _run_args
+
+    retain = ["Farmers in Pellow reported a wet spring.", "A ferry named Orrin crossed the Tamsel lake."]
+    (muse_dir / "raw" / "retain1.json").write_text(json.dumps([{"text": t} for t in retain]), encoding="utf-8")
+    out = tmp_path / "out"
+    assert relearn.main(_run_args(gpt2_dir, muse_dir, out, tmp_path / "state", "--attack", "benign")) == 0
+    result = read_result(next(out.glob("*.yaml")))
+    assert validate_result(result) == []
+    assert result["attack"]["name"] == "benign" and result["attack"]["hyperparameters"]["benign_docs"] is None
+    assert result["curves"]["gpt2-tiny"]["steps"] == [0, 2, 4]
