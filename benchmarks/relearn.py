@@ -110,6 +110,21 @@ _ATTACK_FLAGS = {
 }
 
 
+def _generated_attack_flags() -> dict:
+    """Flags for the registered attacks' own settings not listed in ``_ATTACK_FLAGS`` (a new
+    attack's config fields become flags with no edit here)."""
+    from attacks import attack_flags
+
+    listed = {name for name, _, _ in _ATTACK_FLAGS.values()}
+    return {name: entry for name, entry in attack_flags().items() if name not in listed}
+
+
+def _attack_plan(name: str) -> list[str]:
+    from attacks.compose import describe_plan
+
+    return describe_plan(name)["plan"]
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse whose errors are one line (``error: ...``), exit 2, like every usage error."""
 
@@ -139,11 +154,22 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="model weights dtype")
 
     attack = parser.add_argument_group("attack")
-    attack.add_argument("--attack", default="finetune", help="relearning attack by exact name: finetune or lora")
+    from attacks import ATTACKS
+
+    attack.add_argument("--attack", default="finetune",
+                        help=f"attack by exact name ({', '.join(ATTACKS.names())}), or a plan of names joined by "
+                             "'+' such as finetune+quantize (train, then quantize at each milestone)")
     attack.add_argument("--relearn-docs", default=None,
                         help="forget documents given to the attacker: a count (8) or a fraction (0.5 or 50%%)")
     for flag, (_, kind, text) in _ATTACK_FLAGS.items():
         attack.add_argument(f"--{flag}", type=str if kind is str else kind, default=None, help=text)
+    for name, entry in _generated_attack_flags().items():
+        text = f"{entry['help']} [{', '.join(entry['attacks'])}]"
+        if entry["type"] is bool:
+            attack.add_argument(f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=None,
+                                dest=name, help=text)
+        else:
+            attack.add_argument(f"--{name.replace('_', '-')}", type=entry["type"], default=None, dest=name, help=text)
     attack.add_argument("--seeds", default=None, help="comma-separated seeds (each draws T/V and the data order)")
     attack.add_argument(
         "--defense-seeds", default=None,
@@ -152,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
              "(default: 0)")
     attack.add_argument("--milestones", default=None, help="comma-separated steps to evaluate at (0 and --steps are added)")
     attack.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps instead of --milestones")
+    attack.add_argument("--lr-sweep", default=None,
+                        help="comma-separated learning rates: one run per rate, then the attacker's best per model "
+                             "(see --utility-cap), written to a sweep file beside the runs' files")
+    attack.add_argument("--utility-cap", type=float, default=0.9,
+                        help="with --lr-sweep: milestones count only while KnowMem-retain stays >= this fraction "
+                             "of the model's own before the attack (default 0.9)")
 
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--privleak", action="store_true", help="also measure PrivLeak before and after the attack")
@@ -366,7 +398,7 @@ def _defense_settings(name: str, preset: str) -> dict:
 
 def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
     """Check every argument and fix the run; raises :class:`UsageError` before any loading."""
-    from attacks import ATTACKS
+    from attacks import attack_class
     from benchmarks.core.models import check_model_ref
     from benchmarks.core.results import check_output_target, command_line
 
@@ -381,16 +413,24 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
     preset = WORLD_PRESET if preset_name == WORLD else PAPER_PRESET
 
     # ---- the attack and its settings (preset, then flags)
-    attack_cls = ATTACKS.get(args.attack)
-    settings = {**preset["attack"], **preset.get("attack_overrides", {}).get(args.attack, {})}
+    attack_cls = attack_class(args.attack)
+    first = getattr(attack_cls, "parts", (attack_cls,))[0].name  # a plan takes its training part's preset
+    settings = {**preset["attack"], **preset.get("attack_overrides", {}).get(first, {})}
     if args.relearn_docs is not None:
         settings.update(parse_relearn_docs(args.relearn_docs))
-    for flag, (name, kind, _) in _ATTACK_FLAGS.items():
+    from dataclasses import fields as _fields
+
+    accepted = {f.name for f in _fields(attack_cls.config_class)}
+    generated = _generated_attack_flags()
+    given = [(flag, name) for flag, (name, _, _) in _ATTACK_FLAGS.items()]
+    given += [(name.replace("_", "-"), name) for name in generated]
+    for flag, name in given:
         value = getattr(args, flag.replace("-", "_"))
         if value is None:
             continue
-        if name.startswith("lora_") and args.attack != "lora":
-            raise UsageError(f"--{flag} applies to the lora attack only (this run uses --attack {args.attack})")
+        if name not in accepted:
+            users = ", ".join(generated[name]["attacks"]) if name in generated else "lora"
+            raise UsageError(f"--{flag} applies to the {users} attack only (this run uses --attack {args.attack})")
         if name == "lora_targets":
             value = tuple(t.strip() for t in value.split(",") if t.strip())
         if name == "max_grad_norm" and value == 0:
@@ -769,11 +809,11 @@ def _attack_one(plan: Plan, role: Role, seed: int, texts: list[str], evalset, st
     """
     import torch
 
-    from attacks import ATTACKS
+    from attacks import attack_class
     from benchmarks.core.models import load_model
     from benchmarks.core.recovery import measure_point
 
-    attack = ATTACKS.get(plan.attack)(plan.attack_config)
+    attack = attack_class(plan.attack)(plan.attack_config)
     loaded, tokenizer = load_model(role.ref_for(seed), dtype=plan.dtype, device=_device())
     model = attack.prepare(loaded)
     last = plan.milestones[-1]
@@ -923,7 +963,11 @@ def execute(plan: Plan) -> dict:
         bar.set_postfix_str(f"{role.label} seed {seed}")
         record = state.finished(seed, role.label)
         if record is None:
-            texts = [text_of[d] for d in splits[seed].train]
+            from attacks import attack_class
+
+            # What the attack trains on: T's documents, or (benign) text without forget knowledge.
+            texts = attack_class(plan.attack)(plan.attack_config).documents(
+                [text_of[d] for d in splits[seed].train], data, seed)
             record = _attack_one(plan, role, seed, texts, evalset, state, retrain_auc,
                                  zero_points.get(role.ref_for(seed)))
             state.finish(seed, role.label, record)
@@ -1035,6 +1079,7 @@ def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict
         "defense": defense,
         "attack": {
             "name": plan.attack,
+            "plan": _attack_plan(plan.attack),  # the attacks applied, in order
             "hyperparameters": plan.attack_config.to_dict(),
             "seeds": list(plan.seeds),
             "milestones": list(steps),
@@ -1153,6 +1198,8 @@ def _count_range(counts: list) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    if args.lr_sweep is not None:
+        return _lr_sweep(args, argv)
     plan = make_plan(args, argv)
     if args.dry_run:
         print(format_plan(plan))
@@ -1161,7 +1208,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    return _run(plan)[0]
 
+
+def _run(plan: Plan) -> tuple[int, Path, dict]:
+    """Execute ``plan`` and write its files: (exit code, result YAML, result)."""
     from benchmarks.core.plots import plot_recovery
     from benchmarks.core.results import write_yaml_atomic
 
@@ -1179,8 +1230,89 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote {output_yaml}\nwrote {output_png}")
     if result["status"] != "complete":
         print(f"warning: run {result['status']}; see trajectories in {output_yaml}", file=sys.stderr)
-        return 3
-    return 0
+        return 3, output_yaml, result
+    return 0, output_yaml, result
+
+
+def _lr_sweep(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    """``--lr-sweep``: every plan made (and checked) first, then one ordinary run per learning
+    rate (its own result file), then the sweep file (``benchmarks.core.sweep``)."""
+    import copy
+
+    from benchmarks.core.results import command_line, new_run_id, utc_now, write_yaml_atomic
+    from benchmarks.core.sweep import lr_sweep_summary, parse_grid
+
+    grid = parse_grid(args.lr_sweep)
+    if args.lr is not None:
+        raise UsageError("give --lr or --lr-sweep, not both")
+    if args.output is not None:
+        raise UsageError("--lr-sweep writes one file per learning rate: use --output-dir, not --output")
+    if not 0 <= args.utility_cap <= 1:
+        raise UsageError(f"--utility-cap must lie in [0, 1], got {args.utility_cap}")
+    plans = {}
+    for lr in grid:
+        one = copy.copy(args)
+        one.lr, one.lr_sweep = lr, None
+        plans[lr] = make_plan(one, argv)
+    if args.dry_run:
+        for lr, plan in plans.items():
+            print(f"# --lr {lr}")
+            print(format_plan(plan))
+        return 0
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    files, results, code = {}, {}, 0
+    given = list(argv if argv is not None else sys.argv[1:])
+    for lr, plan in plans.items():
+        logger.info("learning-rate sweep: lr %g", lr)
+        # Each run records the command that reproduces it alone.
+        plan.command = command_line("benchmarks.relearn", _without_sweep(given) + ["--lr", repr(lr)])
+        status, path, result = _run(plan)
+        code = max(code, status)
+        files[f"{lr:g}"], results[lr] = str(path), result
+    table = lr_sweep_summary(results, args.utility_cap)
+    first = next(iter(plans.values()))
+    run_id = new_run_id()
+    document = {
+        "schema_version": 1,
+        "kind": "lr_sweep",
+        "run_id": run_id,
+        "command": command_line("benchmarks.relearn", argv),
+        "created": utc_now(),
+        "attack": first.attack,
+        "learning_rates": grid,
+        "utility_cap": args.utility_cap,
+        "rule": "per model: the best mean over seeds of KnowMem-forget on V (all forget questions when V is "
+                "unavailable) among the milestones before KnowMem-retain first falls below utility_cap x its "
+                "value before the attack; best over the learning rates",
+        "runs": files,
+        "best": table,
+    }
+    path = first.output_dir / f"relearn-lrsweep-{first.output_prefix.removeprefix('relearn-')}-{run_id}.yaml"
+    write_yaml_atomic(path, document, overwrite=False)
+    for label, entry in table.items():
+        print(f"{label}: best {entry['best']} at lr {entry['best_lr']}  " + ", ".join(
+            f"lr {lr}: {e['mean'] if e['mean'] is None else round(e['mean'], 1)}" for lr, e in entry["per_lr"].items()))
+    print(f"wrote {path}")
+    return code
+
+
+def _without_sweep(argv: list[str]) -> list[str]:
+    """``argv`` without ``--lr-sweep``/``--utility-cap`` and their values."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+            continue
+        if item in ("--lr-sweep", "--utility-cap"):
+            skip = True
+            continue
+        if item.startswith(("--lr-sweep=", "--utility-cap=")):
+            continue
+        out.append(item)
+    return out
 
 
 if __name__ == "__main__":

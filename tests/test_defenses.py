@@ -55,13 +55,14 @@ def _nudge(model, seed=1, scale=0.02):
 
 
 def test_registry_holds_exact_names():
-    assert DEFENSES.names() == ["ga", "graddiff", "npo", "npo_muse", "npo_sam"]
+    assert DEFENSES.names() == ["ga", "graddiff", "npo", "npo_cr", "npo_gp", "npo_muse", "npo_rs", "npo_sam", "npo_wa",
+                              "rmu", "simnpo"]
     assert RETAIN_LOSSES.names() == ["gdr", "klr", "none"]
 
 
 @pytest.mark.parametrize("name", ["NPO", "np", "npo_sam2", "sam"])
 def test_unknown_defense_fails_listing_the_valid_ones(name):
-    with pytest.raises(UsageError, match=r"unknown defense .*valid names: ga, graddiff, npo, npo_muse, npo_sam"):
+    with pytest.raises(UsageError, match=r"unknown defense .*valid names: ga, graddiff, npo, npo_cr, npo_gp, npo_muse, npo_rs, npo_sam"):
         build_defense(name)
 
 

@@ -125,7 +125,7 @@ def test_dry_run_as_a_command_exits_zero(tmp_path):
 @pytest.mark.parametrize(
     "extra, words",
     [
-        (["--attack", "fine_tune"], "unknown attack 'fine_tune'; valid names: finetune, lora"),
+        (["--attack", "fine_tune"], "unknown attack 'fine_tune'; valid names: benign, finetune, lora, quantize"),
         (["--steps", "0"], "steps must be >= 1"),
         (["--milestones", "2,9"], "milestone 9 lies outside the attack's 0..4 steps"),
         (["--relearn-docs", "9"], "relearn document count 9 is larger than the forget set (4 documents)"),
@@ -192,7 +192,7 @@ def test_bad_input_from_the_command_line_is_one_line_and_exit_two(tmp_path):
         timeout=300,
     )
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == ["error: unknown attack 'nope'; valid names: finetune, lora"]
+    assert done.stderr.strip().splitlines() == ["error: unknown attack 'nope'; valid names: benign, finetune, lora, quantize"]
 
 
 # --------------------------------------------------------------------------- real (tiny) runs

@@ -217,7 +217,7 @@ def no_loading(monkeypatch):
         (["--defense", "npo", "--lr", "0"], "learning rate must be > 0, got lr=0.0"),
         (["--defense", "ga", "--lr=-1e-5"], "learning rate must be > 0"),
         (["--defense", "npo", "--epochs", "0"], "epochs must be >= 1, got 0"),
-        (["--defense", "nope"], "unknown defense 'nope'; valid names: ga, graddiff, npo, npo_muse, npo_sam"),
+        (["--defense", "nope"], "unknown defense 'nope'; valid names: ga, graddiff, npo, npo_cr, npo_gp, npo_muse, npo_rs, npo_sam, npo_wa, rmu, simnpo"),
         (["--defense", "npo", "--sam-rho", "0.01"], "--sam-rho does not apply to defense 'npo'"),
         (["--defense", "ga", "--beta", "0.1"], "--beta does not apply to defense 'ga'"),
         (["--defense", "npo", "--retain-loss", "kl"], "unknown retain loss 'kl'; valid names: gdr, klr, none"),

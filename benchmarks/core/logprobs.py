@@ -15,10 +15,11 @@ import torch.nn.functional as F
 def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """log p(x_t | x_<t) for t = 1..T-1: shape ``[B, T-1]`` (first token has no prediction).
 
-    Computed in float32 whatever the logits' dtype, so bf16 runs do not lose the small
+    Computed in float32 (float64 for float64 logits), so bf16 runs do not lose the small
     differences NPO works with.
     """
-    logits = logits[:, :-1, :].float()
+    logits = logits[:, :-1, :]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp64 stays fp64
     targets = input_ids[:, 1:]
     return -F.cross_entropy(
         logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none"

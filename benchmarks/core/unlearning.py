@@ -351,7 +351,7 @@ def unlearn(
             model, loader, defense.step_fn(), train_config,
             hook=selector.at_start if selector else None,
             hook_steps=(0,) if selector else (),
-            epoch_hook=selector.after_epoch if selector else None,
+            epoch_hook=_seen_through(defense, selector.after_epoch) if selector else None,
             accelerator=accelerator,
         )
     except TrainingDiverged as err:
@@ -360,6 +360,7 @@ def unlearn(
         return outcome
     finally:
         outcome.timings["train"] = time.perf_counter() - started - outcome.timings.get("evaluation", 0.0)
+    defense.finish(model)  # e.g. weight averaging: the mean replaces the last weights
     outcome.loss_per_step = [h["loss"] for h in result.history]
     _add_epoch_losses(outcome, result.history)
     outcome.training["steps"] = result.steps
@@ -368,6 +369,17 @@ def unlearn(
     else:
         outcome.selection = {"rule": "last epoch (no evaluation)", "selected_epoch": config.epochs}
     return outcome
+
+
+def _seen_through(defense, epoch_hook):
+    """``epoch_hook`` run on the weights the defense would return at that point (for weight
+    averaging, its running mean), so the epoch kept is judged on what it returns."""
+
+    def hook(epoch: int, step: int, model) -> None:
+        with defense.evaluation_weights(model):
+            epoch_hook(epoch, step, model)
+
+    return hook
 
 
 def _add_epoch_losses(outcome: UnlearnOutcome, history: list[dict]) -> None:

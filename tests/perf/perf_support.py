@@ -13,6 +13,8 @@ the results as ``model_source``.
 
 from __future__ import annotations
 
+import os
+
 import copy
 import gc
 import statistics
@@ -34,7 +36,7 @@ from benchmarks.core.training import TrainConfig, make_accelerator
 from defenses.npo import npo_loss
 
 #: torch intra-op threads for every measurement (fixed, so runs compare).
-THREADS = 2
+THREADS = int(os.environ.get("RELEARN_BENCH_PERF_THREADS", "2"))  # torch threads of the suite
 #: Every training unit steps on this batch shape: BATCH_SIZE packed chunks of SEQ_LEN tokens
 #: (no padding, so tokens per step = BATCH_SIZE * SEQ_LEN).
 BATCH_SIZE = 4
