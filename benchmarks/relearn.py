@@ -267,6 +267,8 @@ class Plan:
     checkpoints: bool
     progress: bool
     notes: list[str] = field(default_factory=list)
+    # KnowMem-retain at every milestone, not only at step 0 and the last (the lr sweep's cap needs it)
+    retain_every_milestone: bool = False
     #: PrivLeak's reference when no retrain curve runs: a world's retrain checkpoint (``WORLD``:
     #: the default world's, found at run time), measured once and never attacked. None: the
     #: retrain curve's own step-0 AUC, or for data that is not a world MUSE-News' published value.
@@ -288,6 +290,7 @@ class Plan:
             "dtype": self.dtype,
             "eval_batch_size": self.eval_batch_size,
             "privleak": self.privleak,
+            **({"retain_every_milestone": True} if self.retain_every_milestone else {}),
             "privleak_reference": self.privleak_reference,
         }
 
@@ -837,9 +840,12 @@ def _attack_one(plan: Plan, role: Role, seed: int, texts: list[str], evalset, st
         reference = retrain_auc
         if role.kind == "retrain" and step > 0 and with_privleak:
             reference = curve[0]["privleak_auc"]  # the retrain model before the attack is the reference
+        # Utility is read before and after the attack (what the leaderboard's gate and the
+        # sweep's cap use); between milestones it would cost a third of the evaluation.
         curve[step] = measure_point(
             attacked, tokenizer, evalset, batch_size=plan.eval_batch_size, privleak=with_privleak,
             retrain_auc=reference, as_retrain=role.kind == "retrain" and step == 0,
+            retain=plan.retain_every_milestone or step in (0, last),
         )
         eval_seconds += time.perf_counter() - began
         logger.info("%s, seed %d, step %d: %s", role.label, seed, step,
@@ -1254,6 +1260,7 @@ def _lr_sweep(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         one = copy.copy(args)
         one.lr, one.lr_sweep = lr, None
         plans[lr] = make_plan(one, argv)
+        plans[lr].retain_every_milestone = True  # the utility cap reads every milestone
     if args.dry_run:
         for lr, plan in plans.items():
             print(f"# --lr {lr}")

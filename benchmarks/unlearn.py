@@ -143,7 +143,7 @@ def build_parser(registry=None) -> argparse.ArgumentParser:
             training.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, dest=f.name,
                                   help=text)
             continue
-        extra = {"choices": ["no", "bf16"]} if f.name == "mixed_precision" else {}
+        extra = {"mixed_precision": {"choices": ["no", "bf16"]}, "schedule": {"choices": ["constant", "linear", "cosine"]}}.get(f.name, {})
         training.add_argument(_flag(f.name), type=kind, default=None, dest=f.name, help=text, **extra)
 
     settings = parser.add_argument_group("defense settings (default: the defense's own; [the defenses that take it])")

@@ -367,11 +367,13 @@ def measure_point(
     privleak: bool = False,
     retrain_auc: float | None = None,
     as_retrain: bool = False,
+    retain: bool = True,
 ) -> dict[str, Any]:
     """Every measurement of ``model`` at one milestone, before grouping into T and V:
-    KnowMem-forget per question (``knowmem_forget_items``), VerbMem-forget, KnowMem-retain and,
-    with ``privleak``, PrivLeak and its AUC (``privleak_auc``, kept so that the retrain model's
-    AUC can serve as the others' reference). :func:`point_values` turns it into curve values.
+    KnowMem-forget per question (``knowmem_forget_items``), VerbMem-forget, KnowMem-retain
+    (None without ``retain``) and, with ``privleak``, PrivLeak and its AUC (``privleak_auc``,
+    kept so that the retrain model's AUC can serve as the others' reference).
+    :func:`point_values` turns it into curve values.
     """
     from benchmarks.core.metrics import knowmem, privleak as privleak_metric, verbmem
 
@@ -384,7 +386,7 @@ def measure_point(
         "verbmem_forget_items": [item.score for item in verbatim.items],
         RETAIN: knowmem(
             model, tokenizer, evalset.retain_qa, evalset.retain_icl, batch_size=batch_size, name=RETAIN
-        ).score,
+        ).score if retain else None,
     }
     if privleak:
         leak = privleak_metric(

@@ -42,7 +42,8 @@ class UnlearnConfig:
     """Optimisation settings of an unlearning run (the defense's own settings live in its
     config dataclass)."""
 
-    lr: float = field(default=1e-5, metadata={"help": "AdamW learning rate, constant schedule."})
+    lr: float = field(default=1e-5, metadata={"help": "AdamW (peak) learning rate."})
+    schedule: str = field(default="constant", metadata={"help": "Learning-rate schedule: constant, linear or cosine."})
     epochs: int = field(default=10, metadata={"help": "Passes over the forget set."})
     batch_size: int = field(default=4, metadata={"help": "Forget examples per forward pass (per process)."})
     grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
@@ -84,7 +85,7 @@ class UnlearnConfig:
             grad_accum=self.grad_accum,
             mixed_precision=self.mixed_precision,
             max_grad_norm=self.max_grad_norm or None,
-            schedule="constant",
+            schedule=self.schedule,
             seed=self.seed,
             progress=progress,
         )
@@ -93,7 +94,7 @@ class UnlearnConfig:
 #: The NPO+SAM paper's MUSE-News settings (Fan et al., ICML 2025, §5; 7B models). The
 #: defenses' config defaults (β = 0.1, ρ = 0.01, weights 1.0/1.0) are the paper's too.
 PAPER_PRESET: dict[str, Any] = {
-    "lr": 1e-5, "epochs": 10, "batch_size": 4, "grad_accum": 1, "max_length": 2048,
+    "lr": 1e-5, "schedule": "constant", "epochs": 10, "batch_size": 4, "grad_accum": 1, "max_length": 2048,
     "mixed_precision": "no", "max_grad_norm": 1.0, "seed": 0, "answer_view": False, "utility_threshold": 0.9,
 }
 
@@ -109,7 +110,7 @@ PAPER_PRESET: dict[str, Any] = {
 #: ``world_settings``. results/world/unlearn/ holds the runs behind these numbers and the
 #: trade-off they measure.
 WORLD_PRESET: dict[str, Any] = {
-    "lr": 3e-4, "epochs": 10, "batch_size": 4, "grad_accum": 1, "max_length": 32,
+    "lr": 3e-4, "schedule": "constant", "epochs": 10, "batch_size": 4, "grad_accum": 1, "max_length": 32,
     "mixed_precision": "no", "max_grad_norm": 1.0, "seed": 0, "answer_view": True, "utility_threshold": 0.9,
 }
 
