@@ -86,10 +86,13 @@ def role_configs(forget_split: str) -> dict[str, str]:
     }
 
 
-def first_author(role: str, forget_split: str) -> int | None:
-    """The author id of a role's first row (None for the utility sets, which have no authors)."""
+def first_author(
+    role: str, forget_split: str, num_authors: int = NUM_AUTHORS, forget_authors: int | None = None
+) -> int | None:
+    """The author id of a role's first row (None for the utility sets, which have no authors).
+    ``num_authors``/``forget_authors`` default to TOFU's (200 and the split's 2/10/20)."""
     if role in ("forget", "forget_perturbed"):
-        return NUM_AUTHORS - FORGET_SPLITS[forget_split][1]
+        return num_authors - (FORGET_SPLITS[forget_split][1] if forget_authors is None else forget_authors)
     if role in ("retain", "retain_perturbed"):
         return 0
     return None
@@ -317,11 +320,13 @@ def load_tofu(
     forget_split: str = DEFAULT_FORGET_SPLIT,
     roles: Iterable[str] | None = None,
     world_rows: Mapping[str, list] | None = None,
+    num_authors: int = NUM_AUTHORS,
+    forget_authors: int | None = None,
 ) -> TofuData:
     """Load the configs ``forget_split`` needs (all :data:`ROLES`, or those named) from ``source``.
 
-    ``world_rows`` (config -> rows) stands in for a source's files; the author world passes
-    its generated configs this way.
+    ``world_rows`` (config -> rows) stands in for a source's files. ``num_authors`` and
+    ``forget_authors`` number the authors of a dataset smaller than TOFU (the author world).
     """
     configs = role_configs(forget_split)
     wanted = tuple(ROLES if roles is None else roles)
@@ -338,14 +343,14 @@ def load_tofu(
     else:
         spec = resolve_tofu_source(source)
         if spec.kind == "world":
-            raise UsageError("load the author world through benchmarks.core.tofu_world.load_world_data")
+            raise UsageError("load the author world through benchmarks.core.tofu_world.ensure_tofu_world")
         kind, location = spec.kind, spec.location
         fetch = _dir_fetcher(Path(location)) if kind == "dir" else _hub_fetcher(location)
     splits = {}
     for role in wanted:
         config = configs[role]
         rows, where, digest = fetch(config)
-        items = build_items(config, role, rows, where, first_author(role, forget_split))
+        items = build_items(config, role, rows, where, first_author(role, forget_split, num_authors, forget_authors))
         splits[role] = TofuSplit(
             config=config, role=role, items=items, source=where,
             sha256=records_sha256(rows), file_sha256=digest,
