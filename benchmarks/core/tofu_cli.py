@@ -36,6 +36,8 @@ def add_tofu_arguments(parser: argparse.ArgumentParser) -> None:
                        help="open-unlearning parity: pad with the EOS id and mask every token equal to it out of "
                             "attention, the template's own <|eot_id|> included (reproduces its published figures; "
                             "not the model's real input)")
+    group.add_argument("--max-new-tokens", type=int, default=None,
+                       help="greedy tokens generated for ROUGE (default 200, open-unlearning's; the author world: 48)")
     group.add_argument("--retrain-result", default=None,
                        help="an earlier TOFU evaluation YAML of the retrain model: its forget truth ratios give "
                             "forget quality without --retrain-model")
@@ -91,10 +93,11 @@ def run_evaluate(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     from benchmarks.core.models import check_model_ref
     from benchmarks.core.results import check_output_target
     from benchmarks.core.tofu_data import resolve_tofu_source
-    from benchmarks.core.tofu_eval import TofuEvalSettings
+    from benchmarks.core.tofu_eval import ROUGE_MAX_NEW_TOKENS, TofuEvalSettings
 
     forget_split = check_forget_split(args.forget_split)
-    settings = TofuEvalSettings(prompt=prompt_settings(args), batch_size=args.batch_size, progress=args.progress)
+    settings = TofuEvalSettings(prompt=prompt_settings(args), batch_size=args.batch_size, progress=args.progress,
+                                max_new_tokens=args.max_new_tokens or ROUGE_MAX_NEW_TOKENS)
     resolve_tofu_source(args.data)
     world_data = args.data == TOFU_WORLD
     if args.model is None and not world_data:

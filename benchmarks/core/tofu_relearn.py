@@ -192,7 +192,7 @@ def make_tofu_plan(args: argparse.Namespace, argv, attack_cls, check_defense: Ca
         command=command_line("benchmarks.relearn", argv), data=args.data, forget_split=forget_split,
         prompt=prompt_settings(args), roles=roles, attack=args.attack, attack_config=config, seeds=seeds,
         milestones=milestones, eval_batch_size=args.eval_batch_size or preset["eval_batch_size"],
-        max_new_tokens=preset["max_new_tokens"], defense_train=dict(preset["defense_train"]),
+        max_new_tokens=args.max_new_tokens or preset["max_new_tokens"], defense_train=dict(preset["defense_train"]),
         dtype=args.dtype or "float32", output=output, overwrite=args.overwrite, notes=notes,
     )
     return plan
@@ -221,6 +221,12 @@ def _attack_overrides(args: argparse.Namespace) -> dict[str, Any]:
         if value is not None:
             out[name] = kind(value)
     return out
+
+
+def attack_pairs(forget_items: Sequence[TofuItem], t_authors: Sequence[int]) -> list[tuple[str, str]]:
+    """The attacker's training data: the (question, answer) pairs of T's authors only."""
+    wanted = set(t_authors)
+    return [(item.question, item.answer) for item in forget_items if item.author in wanted]
 
 
 def resolve_splits(plan: TofuPlan, authors: Sequence[int]) -> None:
@@ -376,9 +382,7 @@ def execute_tofu(plan: TofuPlan, data: TofuData, world, make_attack: Callable[[A
                         per_metric.setdefault("forget_quality_V", []).append(
                             [step, forget_quality_on(scores.truth_ratios, retrain_v[seed])])
 
-            t_pairs = [(i.question, i.answer) for i in data.forget.items if i.author in set(t_authors)]
-            v_text = {i.question for i in v_items} | {i.answer for i in v_items}
-            assert not any(q in v_text or a in v_text for q, a in t_pairs), "a V pair reached the attacker"
+            t_pairs = attack_pairs(data.forget.items, t_authors)
             loader = pair_loader(tokenizer, t_pairs, PromptSettings(system_prompt=plan.prompt.system_prompt,
                                                                     date_string=plan.prompt.date_string,
                                                                     max_length=plan.attack_config.max_length),
