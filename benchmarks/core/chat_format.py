@@ -24,7 +24,9 @@ reproduces open-unlearning's Llama-3 input instead: pad with the EOS id (``<|eot
 mask *every* token equal to it out of attention (its collator uses ``input_ids != pad_id``), so
 the template's own end-of-turn tokens after the system and user turns are hidden from the
 model too. Its published figures carry that; it is not the input the model was built for, so it
-is off unless asked for, and only for reproducing those figures.
+is off unless asked for, and only for reproducing those figures. It applies to evaluation
+(likelihoods and generation); training (defenses, attacks, the author world's models) always
+sees the real input.
 """
 
 from __future__ import annotations

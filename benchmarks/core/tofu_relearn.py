@@ -35,7 +35,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from benchmarks.core.chat_format import PromptSettings, collate_pairs, encode_pair, pad_id_for
+from benchmarks.core.chat_format import PromptSettings, collate_pairs, describe_prompt, encode_pair, pad_id_for
 from benchmarks.core.errors import TrainingDiverged, UsageError
 from benchmarks.core.tofu_data import TOFU_WORLD, TofuData, TofuItem, check_forget_split, resolve_tofu_source
 
@@ -348,6 +348,7 @@ def execute_tofu(plan: TofuPlan, data: TofuData, world, make_attack: Callable[[A
     retrain_v: dict[int, dict[int, float]] = {}
     status = "complete"
     timings: dict[str, float] = {}
+    prompt_record: dict | None = None
     for role in plan.roles:
         ref = role.ref
         if ref is None:
@@ -358,6 +359,7 @@ def execute_tofu(plan: TofuPlan, data: TofuData, world, make_attack: Callable[[A
             v_items = [i for i in forget_items if i.author in set(v_authors)]
             started = time.perf_counter()
             model, tokenizer = load_model(ref, dtype=plan.dtype, device=device)
+            prompt_record = prompt_record or describe_prompt(tokenizer, plan.prompt)
             if role.defense is not None:
                 unlearn_on_tofu(model, tokenizer, make_defense(role.defense), data, plan.prompt,
                                 plan.defense_train, seed)
@@ -406,7 +408,7 @@ def execute_tofu(plan: TofuPlan, data: TofuData, world, make_attack: Callable[[A
             timings[f"{role.label}/seed{seed}"] = time.perf_counter() - started
             del model
     return {
-        "curves": curves, "utility": utility, "status": status, "timings": timings,
+        "curves": curves, "utility": utility, "status": status, "timings": timings, "prompt": prompt_record,
         "summary": summarize(plan, curves),
     }
 
@@ -509,7 +511,7 @@ def run_tofu_relearn(args: argparse.Namespace, argv, attacks, build_defense: Cal
         "created": utc_now(),
         "status": result["status"],
         "data": data.describe(),
-        "prompt": plan.prompt.to_dict(),
+        "prompt": result["prompt"] or plan.prompt.to_dict(),
         "models": {r.label: {"kind": r.kind, "checkpoint": r.ref or "(author world)", "defense": r.defense,
                              "defense_training": r.defense_config} for r in plan.roles},
         "attack": {"name": plan.attack, **plan.attack_config.to_dict(), "seeds": plan.seeds,
