@@ -124,6 +124,7 @@ def test_relearn_with_npo_on_a_tofu_directory(tiny_world, tmp_path, capsys):
                  "--lr", "1e-3", "--output", str(out), "--no-progress", "--max-new-tokens", "8"])
     assert code == 0
     document = yaml.safe_load(out.read_text())
+    assert document["kind"] == "tofu_relearn" and document["prompt"]["format"] == "chat_template"
     assert set(document["models"]) == {"retrain", "target", "npo"}
     split = document["attack"]["authors"]["0"]
     assert set(split["T"]).isdisjoint(split["V"])

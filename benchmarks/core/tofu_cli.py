@@ -18,6 +18,9 @@ from benchmarks.core.chat_format import DEFAULT_DATE_STRING, DEFAULT_SYSTEM_PROM
 from benchmarks.core.errors import DataError, UsageError
 from benchmarks.core.tofu_data import DEFAULT_FORGET_SPLIT, FORGET_SPLITS, TOFU_WORLD, check_forget_split
 
+#: The author world's answers are one short sentence: 48 greedy tokens hold any of them.
+WORLD_MAX_NEW_TOKENS = 48
+
 logger = logging.getLogger(__name__)
 
 
@@ -97,9 +100,13 @@ def run_evaluate(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
 
     forget_split = check_forget_split(args.forget_split)
     settings = TofuEvalSettings(prompt=prompt_settings(args), batch_size=args.batch_size, progress=args.progress,
-                                max_new_tokens=args.max_new_tokens or ROUGE_MAX_NEW_TOKENS)
+                                max_new_tokens=args.max_new_tokens or (
+                                    WORLD_MAX_NEW_TOKENS if args.data == TOFU_WORLD else ROUGE_MAX_NEW_TOKENS))
     resolve_tofu_source(args.data)
     world_data = args.data == TOFU_WORLD
+    if world_data and forget_split != "forget10" and args.retrain_model is None:
+        raise UsageError(f"the author world's retrain model is trained without forget10's authors; with "
+                         f"--forget-split {forget_split} pass --retrain-model, or use forget10")
     if args.model is None and not world_data:
         raise UsageError("--model is required unless --data is 'tofu-world' (which brings its own target model)")
     if args.metrics is not None:

@@ -41,8 +41,10 @@ from benchmarks.core.tofu_data import TOFU_WORLD, TofuData, TofuItem, check_forg
 
 logger = logging.getLogger(__name__)
 
-#: The author world: attack half of the 4 forget10 authors, evaluate the other half.
-#: lr and steps put a full fine-tune of the world's NPO model well past the retrain model's V Prob.
+#: The author world: attack half of the 4 forget10 authors, evaluate the other half. NPO (GDR
+#: retain term) at lr 1e-4 for 3 epochs takes the world target's forget Prob from 0.785 to 0.41
+#: and keeps model utility at 0.55 (target 0.59); lr 1e-3 or 10 epochs forget more but cost
+#: more than a tenth of the utility (measured on the default world, seed 0).
 TOFU_WORLD_PRESET: dict[str, Any] = {
     "attack": {"relearn_fraction": 0.5, "steps": 30, "lr": 1e-3, "schedule": "cosine",
                "batch_size": 8, "micro_batch_size": 8, "max_length": 256},
@@ -50,9 +52,9 @@ TOFU_WORLD_PRESET: dict[str, Any] = {
     "milestones": (0, 5, 10, 20, 30),
     "seeds": (0,),
     "defenses": ("npo",),
-    "defense_train": {"lr": 1e-3, "epochs": 4, "batch_size": 8},
+    "defense_train": {"lr": 1e-4, "epochs": 3, "batch_size": 8},
     "eval_batch_size": 64,
-    "max_new_tokens": 48,
+    "max_new_tokens": 48,  # benchmarks.core.tofu_cli.WORLD_MAX_NEW_TOKENS
 }
 #: Real TOFU checkpoints (Llama-3.2-1B-Instruct): half of forget10's 20 authors to the attacker,
 #: AdamW at TOFU's fine-tuning lr 1e-5, batch 8, cosine, 50 steps (200 pairs ≈ 2 epochs of T);
@@ -504,7 +506,9 @@ def run_tofu_relearn(args: argparse.Namespace, argv, attacks, build_defense: Cal
                           lambda name: build_defense(name))
     document = {
         "schema_version": 1,
-        "kind": "relearn",
+        # Its own kind: the curves are per author split and TOFU metric, not the MUSE schema
+        # the leaderboard ranks.
+        "kind": "tofu_relearn",
         "benchmark": "tofu",
         "run_id": new_run_id(),
         "command": command_line("benchmarks.relearn", argv),
