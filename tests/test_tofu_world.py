@@ -154,3 +154,12 @@ def test_relearn_dry_run_for_the_published_checkpoints(capsys, monkeypatch):
     assert sorted(seed0["T authors"] + seed0["V authors"]) == list(range(180, 200))
     assert len(seed0["T authors"]) == 10
     assert set(plan["models"]) == {"retrain", "target", "npo_llama-3.2-1b-instruct_forget10_ep10_lr5e-5_alpha1.0_beta0.1"}
+
+
+def test_relearn_refuses_a_label_taken_by_a_baseline(tiny_world):
+    from benchmarks.core.errors import UsageError
+    from benchmarks.relearn import main
+
+    with pytest.raises(UsageError, match="--label"):
+        main(["--data", str(tiny_world.data_dir), "--model", str(tiny_world.target_dir), "--defense", "none",
+              "--dry-run"])

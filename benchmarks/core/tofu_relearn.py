@@ -178,6 +178,9 @@ def make_tofu_plan(args: argparse.Namespace, argv, attack_cls, check_defense: Ca
         if model_ref is None:
             raise UsageError("--defense none needs --model (the world's target is not unlearned)")
         label = args.label or Path(model_ref.rstrip("/")).name.split("/")[-1]
+        if label in ("target", "retrain"):
+            raise UsageError(f"the attacked model would be named {label!r}, a baseline's name; give it another "
+                             "with --label")
         roles.append(TofuRole(label, "attacked", model_ref))
     if world and forget_split != "forget10":
         raise UsageError("the author world's retrain model matches forget10; use --forget-split forget10")
