@@ -187,12 +187,16 @@ def make_tofu_plan(args: argparse.Namespace, argv, attack_cls, check_defense: Ca
 
     if args.output is not None:
         output = check_output_target(args.output, overwrite=args.overwrite)
+        if output.suffix not in (".yaml", ".yml"):
+            raise UsageError(f"--output {args.output!r} should name a .yaml file")
     else:
+        # A directory, and a file name carrying the run id (known at write time), so a new run
+        # never collides with an earlier one.
         model_label = "world-target" if model_ref is None else Path(model_ref.rstrip("/")).name
         directory = Path(args.output_dir) if args.output_dir else Path("results") / (
             "tofu-world" if world else "tofu") / model_label
-        output = directory / f"relearn-{args.attack}-{'+'.join(defenses) or 'none'}-{forget_split}.yaml"
-        output = check_output_target(output, overwrite=args.overwrite)
+        check_output_target(directory)
+        output = directory / f"relearn-{args.attack}-{'+'.join(defenses) or 'none'}-{forget_split}-{{run_id}}.yaml"
     plan = TofuPlan(
         command=command_line("benchmarks.relearn", argv), data=args.data, forget_split=forget_split,
         prompt=prompt_settings(args), roles=roles, attack=args.attack, attack_config=config, seeds=seeds,
@@ -530,7 +534,8 @@ def run_tofu_relearn(args: argparse.Namespace, argv, attacks, build_defense: Cal
         "environment": environment_info("cuda" if torch.cuda.is_available() else "cpu"),
         "timings": {**result["timings"], "total": time.perf_counter() - started},
     }
-    write_yaml_atomic(plan.output, document, overwrite=plan.overwrite)
+    output = Path(str(plan.output).replace("{run_id}", document["run_id"]))
+    write_yaml_atomic(output, document, overwrite=plan.overwrite)
     print(format_tofu_summary(result))
-    print(f"wrote {plan.output}")
+    print(f"wrote {output}")
     return 0 if result["status"] == "complete" else 3
