@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
+    from benchmarks.core.tofu_cli import add_tofu_arguments
+
+    add_tofu_arguments(parser)  # --data tofu / tofu-world / a TOFU directory: the TOFU table
     return parser
 
 
@@ -109,6 +112,12 @@ def plan_models(args) -> list[ModelToRun]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    from benchmarks.core.tofu_data import is_tofu_source
+
+    if is_tofu_source(args.data):
+        from benchmarks.core.tofu_cli import run_evaluate
+
+        return run_evaluate(args, argv)
 
     # ---- validate everything before a model is loaded
     from benchmarks.core.data import load_data, resolve_source

@@ -133,7 +133,7 @@ def result_files(directory: Path) -> list[Path]:
     return sorted(found)
 
 
-OTHER_REPORT_KINDS = ("unlearn", "evaluation", "lr_sweep")
+OTHER_REPORT_KINDS = ("unlearn", "evaluation", "lr_sweep", "tofu_relearn")  # TOFU runs are not ranked here yet
 
 
 def load_results(directory: Path) -> tuple[list[tuple[Path, dict]], list[tuple[Path, str]]]:

@@ -205,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     misc.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     misc.add_argument("--no-progress", action="store_true", help="no progress bars")
     misc.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    from benchmarks.core.tofu_cli import add_tofu_arguments
+
+    add_tofu_arguments(parser)  # --data tofu / tofu-world / a TOFU directory: relearning by author
     return parser
 
 
@@ -1204,6 +1207,15 @@ def _count_range(counts: list) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    from benchmarks.core.tofu_data import is_tofu_source
+
+    if is_tofu_source(args.data):
+        from attacks import ATTACKS
+        from benchmarks.core.tofu_relearn import run_tofu_relearn
+        from defenses import build_defense
+
+        return run_tofu_relearn(args, argv, ATTACKS, build_defense)
+
     if args.lr_sweep is not None:
         return _lr_sweep(args, argv)
     plan = make_plan(args, argv)

@@ -69,7 +69,8 @@ class NPO(Defense):
     def forget_loss(self, model, forget):
         if self.reference_logps is None:
             raise RuntimeError("NPO needs the reference log-likelihoods; call setup() before training")
-        policy = sequence_logps(model, forget["input_ids"], forget["attention_mask"])
+        # loss_mask (TOFU): only the answer tokens make up log π(x), never the prompt.
+        policy = sequence_logps(model, forget["input_ids"], forget["attention_mask"], forget.get("loss_mask"))
         ref = self.reference_logps.lookup(forget["index"])
         loss = npo_loss(policy, ref, self.config.beta)
         return loss, {"log_ratio": (policy.detach().float() - ref).mean().item()}
