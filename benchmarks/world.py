@@ -5,15 +5,17 @@ package (:mod:`benchmarks.core.pinned_world`): the same model bytes on every mac
 by digest, with the corpus generated from its seed. Nothing is trained. Another configuration,
 or ``--rebuild``, trains from the recipe (:mod:`benchmarks.core.world_build`).
 
-    python -m benchmarks.world                   # install (or find) the default world
-    python -m benchmarks.world --rebuild         # retrain it from the recipe and compare scores
-    python -m benchmarks.world --rebuild --pin   # ... and make the rebuilt models the pinned world
+    python -m benchmarks.world                       # install (or find) the default world
+    python -m benchmarks.world --rebuild [--out DIR] # retrain it from the recipe and compare scores
+    python -m benchmarks.world --pin --out DIR       # make a rebuilt world the pinned one (maintainers)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+from pathlib import Path
 from typing import Sequence
 
 from benchmarks.core.errors import UsageError, run_cli, setup_logging
@@ -46,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--pin", action="store_true",
-        help="with --rebuild: make the rebuilt models the package's pinned world (maintainers)",
+        help="make the world trained in --out (by --rebuild, now or earlier) the package's pinned world "
+        "(maintainers): its scores are measured and recorded with the digests",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -57,8 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
-    if args.pin and not args.rebuild:
-        raise UsageError("--pin needs --rebuild (only freshly trained models are pinned)")
+    if args.pin and args.out is None and not args.rebuild:
+        raise UsageError("--pin needs the trained world to pin: --out DIR (a world made by --rebuild) or --rebuild")
     setup_logging(args.verbose)
 
     from benchmarks.core import world_build
@@ -75,14 +78,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
 
-    paths = world_build.ensure_world(out, force=args.force or args.rebuild, rebuild=args.rebuild)
+    from benchmarks.core import pinned_world
+
+    if args.pin and not args.rebuild:
+        manifest = world_build.read_manifest(Path(out))
+        if manifest is None or manifest.get("pinned") or manifest.get("hash") != world_build.world_hash(
+                world_build.WorldBuildConfig()):
+            raise UsageError(f"--pin: {out} holds no world of the default configuration trained from its recipe; "
+                             "make one with python -m benchmarks.world --rebuild --out DIR")
+        paths = world_build.WorldPaths.at(Path(out))
+    else:
+        paths = world_build.ensure_world(out, force=args.force or args.rebuild, rebuild=args.rebuild)
+        if args.rebuild:  # the world records the command that trained it (pin copies it on)
+            manifest_path = paths.root / world_build.MANIFEST
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            manifest["built_by"] = command_line("benchmarks.world", argv)
+            manifest_path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     print(f"world:   {paths.root}")
     print(f"corpus:  {paths.corpus_dir}")
     print(f"target:  {paths.target_dir}")
     print(f"retrain: {paths.retrain_dir}")
-    if args.rebuild:
-        from benchmarks.core import pinned_world
-
+    if args.rebuild or args.pin:
         scores = pinned_world.score_world(paths)
         print(pinned_world.format_comparison(scores, pinned_world.pinned_manifest()))
         if args.pin:

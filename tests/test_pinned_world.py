@@ -41,7 +41,7 @@ def test_the_package_pins_the_default_world():
     assert manifest is not None, "benchmarks/core/pinned_world/manifest.json is missing"
     assert manifest["hash"] == world_hash(WorldBuildConfig())
     assert manifest["config"] == json.loads(json.dumps(WorldBuildConfig().describe()))
-    assert "benchmarks.world --rebuild --pin" in manifest["command"]
+    assert "benchmarks.world --pin" in manifest["command"] and "--rebuild" in manifest["built_by"]
     files = manifest["files"]
     assert {"target/model.safetensors", "retrain/model.safetensors"} <= set(files)
     total = 0
@@ -79,7 +79,7 @@ def small_pinned(tmp_path_factory):
     config = _small_build()
     built = ensure_world(root / "built", config=config)
     scores = {role: {m: float(i) for i, m in enumerate(pinned_world.SCORE_METRICS)} for role in pinned_world.ROLES}
-    directory = pinned_world.pin(built, scores, command="python -m benchmarks.world --rebuild --pin",
+    directory = pinned_world.pin(built, scores, command="python -m benchmarks.world --pin --out built",
                                  directory=root / "pinned")
     return config, built, directory
 

@@ -198,6 +198,7 @@ def pin(paths, scores: Mapping[str, Mapping[str, float]], command: str, director
         "hash": world["hash"],
         "config": world["config"],
         "command": command,
+        "built_by": world.get("built_by", "python -m benchmarks.world --rebuild"),
         "built_with": {"versions": world.get("versions"), "torch_threads": world.get("torch_threads"),
                        "timings": world.get("timings")},
         "scores": {role: dict(scores[role]) for role in ROLES},
