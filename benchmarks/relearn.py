@@ -794,6 +794,13 @@ def _prepare_models(plan: Plan, data, timings: dict) -> tuple[dict[str, dict], s
             **({"defense": role.defense, "defense_hyperparameters": role.defense_config,
                 "unlearned_from": role.base} if role.defense else {}),
         }
+        if role.kind == "defended":
+            # The unlearning behind each checkpoint: per-epoch table and the epoch kept, so the
+            # result file shows where each defense's operating point came from.
+            records[role.label]["unlearning"] = {
+                f"defense_seed_{defense_seed}": _unlearning_record(ref)
+                for defense_seed, ref in sorted({role.defense_seeds[s]: r for s, r in role.seed_refs.items()}.items())
+            }
         if len(set(role.seed_refs.values())) > 1:
             records[role.label]["per_attack_seed"] = {
                 seed: {"defense_seed": role.defense_seeds[seed], "checkpoint": ref,
@@ -801,6 +808,19 @@ def _prepare_models(plan: Plan, data, timings: dict) -> tuple[dict[str, dict], s
                 for seed, ref in sorted(role.seed_refs.items())
             }
     return records, base_ref
+
+
+def _unlearning_record(checkpoint: str) -> dict:
+    """What a cached unlearned checkpoint's ``unlearn.yaml`` says about its epochs."""
+    from benchmarks.core.results import read_result
+    from benchmarks.core.unlearning import RESULT_NAME
+
+    report = read_result(Path(checkpoint) / RESULT_NAME)
+    keep = ("epoch", "knowmem_forget", "verbmem_forget", "knowmem_retain", "meets_bar", "mean_loss")
+    return {
+        "selection": report.get("selection"),
+        "epochs": [{k: row[k] for k in keep if k in row} for row in report.get("epochs", [])],
+    }
 
 
 def _attack_one(plan: Plan, role: Role, seed: int, texts: list[str], evalset, state: RunState,

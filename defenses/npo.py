@@ -65,6 +65,13 @@ class NPO(Defense):
 
     config_class = NPOConfig
     needs_reference_logps = True
+    # The embedded world (benchmarks.core.unlearning.WORLD_PRESET): with GDR the tiny target's
+    # KnowMem-retain kept falling after the forget facts were gone (fine-tuning on retain1
+    # overwrites retain2's facts), so no two epochs met KnowMem-forget <= retrain + 10 and
+    # KnowMem-retain >= 0.9 x target together. KLR holds the retain outputs to the target's
+    # instead, and a forget weight of 3 makes up for the pull it adds
+    # (results/world/unlearn/README.md has the runs). Subclasses (npo_sam, ...) share it.
+    world_settings = {"retain_loss": "klr", "forget_weight": 3.0}
 
     def forget_loss(self, model, forget):
         if self.reference_logps is None:

@@ -98,19 +98,16 @@ PAPER_PRESET: dict[str, Any] = {
     "mixed_precision": "no", "max_grad_norm": 1.0, "seed": 0, "answer_view": False, "utility_threshold": 0.9,
 }
 
-#: The embedded world's tiny target (4 layers, 128 wide, 20 forget articles): lr 3e-4 moves
-#: it within a few epochs (the paper's 1e-5 barely does in 10), and its facts are unlearned
+#: The embedded world's tiny target (4 layers, 128 wide, 20 forget articles of one subject):
+#: lr 6e-4 for 12 epochs moves it (the paper's 1e-5 barely does), and its facts are unlearned
 #: from both views it learned them from (``answer_view``). Examples are 32-token windows, about
 #: one Question/Answer block: NPO's loss is on *sequence* log-likelihoods and saturates once a
-#: sequence is unlikely, which on a whole 250-token article a few crushed tokens achieve --
-#: measured on whole articles: forget loss 0.06 by epoch 10 with KnowMem-forget stuck at 58
-#: (results/world/unlearn/npo-whole-articles.yaml). Short windows make every fact's sequence
-#: count on its own, and KnowMem-forget keeps falling. The defenses' own settings (β, ρ,
-#: weights) stay the paper's; a defense may refine them with its class attribute
-#: ``world_settings``. results/world/unlearn/ holds the runs behind these numbers and the
-#: trade-off they measure.
+#: sequence is unlikely, which on a whole 250-token article a few crushed tokens achieve, while
+#: short windows make every fact's sequence count on its own. NPO and its variants refine the
+#: retain term for the world in their ``world_settings`` (KLR, forget weight 3; see
+#: :class:`defenses.npo.NPO`). results/world/unlearn/ holds the runs behind these choices.
 WORLD_PRESET: dict[str, Any] = {
-    "lr": 3e-4, "schedule": "constant", "epochs": 10, "batch_size": 4, "grad_accum": 1, "max_length": 32,
+    "lr": 6e-4, "schedule": "constant", "epochs": 12, "batch_size": 4, "grad_accum": 1, "max_length": 32,
     "mixed_precision": "no", "max_grad_norm": 1.0, "seed": 0, "answer_view": True, "utility_threshold": 0.9,
 }
 
