@@ -106,7 +106,7 @@ def test_checkpoint_and_result_file(tiny_run, tmp_path):
     assert document["status"] == "complete" and document["kind"] == "unlearn"
     assert document["defense"]["name"] == "npo_sam"
     assert document["defense"]["hyperparameters"] == {
-        "lr": 1e-3, "epochs": 2, "batch_size": 2, "grad_accum": 1, "max_length": 2048, "mixed_precision": "no",
+        "lr": 1e-3, "schedule": "constant", "epochs": 2, "batch_size": 2, "grad_accum": 1, "max_length": 2048, "mixed_precision": "no",
         "max_grad_norm": 1.0, "seed": 0, "answer_view": False, "utility_threshold": 0.9,
         "forget_weight": 1.0, "retain_weight": 1.0, "retain_loss": "gdr", "beta": 0.2, "sam_rho": 0.01,
     }
