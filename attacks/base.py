@@ -15,6 +15,7 @@ loop (:func:`benchmarks.core.training.train`); evaluation milestones are its hoo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable, Sequence
@@ -191,13 +192,22 @@ def lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 class Attack:
     """A relearning attack: a config and what trains. Subclasses set ``config_class`` and
-    override :meth:`prepare` (and, if only part of the model trains, the state methods)."""
+    override :meth:`prepare` (and, if only part of the model trains, the state methods);
+    :meth:`documents` when they train on something other than the attacker's forget documents."""
 
     name: str = ""
     config_class: type[AttackConfig] = AttackConfig
     #: Whether only float32 parameters added by :meth:`prepare` train (then the base weights
     #: may be loaded in bf16; see ``benchmarks.core.precision``).
     trains_adapters_only: bool = False
+    #: Whether the attack trains (a trajectory of steps) or only transforms the weights once.
+    trains: bool = True
+
+    def documents(self, attacker_documents: Sequence[str], data: Any, seed: int) -> list[str]:
+        """The texts the attack trains on: by default the attacker's forget documents T.
+        ``data`` is the run's dataset (``benchmarks.core.data``), for attacks that train on
+        other text."""
+        return list(attacker_documents)
 
     def __init__(self, config: AttackConfig | None = None) -> None:
         self.config = config if config is not None else self.config_class()
@@ -258,3 +268,81 @@ class Attack:
 
 
 ATTACKS: Registry[type[Attack]] = Registry("attack")
+
+
+class WeightTransform(Attack):
+    """An attack that changes the weights once, with no training (e.g. quantization). Its
+    curve has two points: step 0 (the model as given) and step ``config.steps`` ("after").
+
+    Subclasses implement :meth:`apply` (transform in place and return the model to evaluate);
+    :meth:`applied` undoes it on exit, so that a composed plan (:mod:`attacks.compose`) can
+    measure a transformed copy at each milestone of a training attack and go on training the
+    untransformed weights.
+    """
+
+    trains = False
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        model.requires_grad_(False)
+        return model
+
+    def apply(self, model: torch.nn.Module) -> torch.nn.Module:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def applied(self, model: torch.nn.Module):
+        """The transformed model for the duration of the block; the weights are put back
+        exactly afterwards (a copy of the state is kept on the CPU meanwhile)."""
+        saved = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        try:
+            with torch.no_grad():
+                yield self.apply(model)
+        finally:
+            with torch.no_grad():
+                model.load_state_dict(saved)
+
+    def run(self, model, tokenizer, documents, *, seed, hook=None, hook_steps=(), state_hook=None,
+            resume_state=None, progress=True, gradient_checkpointing=False) -> TrainResult:
+        """Measure the model as given (step 0), transform it, measure it again at the last of
+        ``hook_steps``. The transformed weights stay in the model."""
+        after = max(hook_steps) if hook_steps else self.config.steps
+        model.eval()
+        with torch.no_grad():
+            if hook is not None and 0 in hook_steps:
+                hook(0, model)
+            transformed = self.apply(model)
+            if hook is not None:
+                hook(after, transformed)
+        return TrainResult(steps=after, history=[{"step": after, "transform": self.name}])
+
+
+def attack_flags(registry: Registry | None = None) -> dict[str, dict[str, Any]]:
+    """Command-line settings of the registered attacks beyond the shared :class:`AttackConfig`
+    ones: field name -> ``{"type", "help", "attacks"}`` (``type``: int, float, str or bool;
+    an optional field takes the type it is optional of). A field shared by several attacks is
+    one flag."""
+    import typing
+
+    registry = registry if registry is not None else ATTACKS
+    shared = {f.name for f in fields(AttackConfig)}
+    flags: dict[str, dict[str, Any]] = {}
+    for name in registry.names():
+        config_class = registry.get(name).config_class
+        hints = typing.get_type_hints(config_class)
+        for f in fields(config_class):
+            if f.name in shared:
+                continue
+            kind = hints[f.name]
+            options = [a for a in typing.get_args(kind) if a is not type(None)]
+            if typing.get_origin(kind) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(options) == 1:
+                kind = options[0]
+            if typing.get_origin(kind) is tuple:
+                kind = str  # comma-separated on the command line
+            if kind not in (int, float, str, bool):
+                raise TypeError(f"{config_class.__name__}.{f.name}: flags support int, float, str and bool")
+            entry = flags.setdefault(f.name, {"type": kind, "help": f.metadata.get("help", ""), "attacks": []})
+            if entry["type"] is not kind:
+                raise TypeError(f"attack setting {f.name!r} has type {entry['type'].__name__} in one attack "
+                                f"and {kind.__name__} in {name}")
+            entry["attacks"].append(name)
+    return flags

@@ -13,8 +13,9 @@ Prints the MUSE table (VerbMem-forget, KnowMem-forget, KnowMem-retain, PrivLeak)
 ``--output``, writes a YAML file with the scores, PrivLeak's AUCs, the data digests, the
 environment and (with ``--log-samples``) every prompt, generation, reference and score.
 
-PrivLeak needs the retrain model's AUC: from ``--retrain-model`` when given, from the embedded
-world's retrain model for ``--data world``, else the published MUSE-News value 0.4772.
+PrivLeak needs the retrain model's AUC: from ``--retrain-model`` when given, from the world's
+retrain model for ``--data world`` or a built world's directory (``python -m benchmarks.world
+--out DIR``), else the published MUSE-News value 0.4772.
 Every argument is checked before a model is loaded.
 """
 
@@ -69,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
+    from benchmarks.core.tofu_cli import add_tofu_arguments
+
+    add_tofu_arguments(parser)  # --data tofu / tofu-world / a TOFU directory: the TOFU table
     return parser
 
 
@@ -81,16 +85,24 @@ class ModelToRun:
 
 def plan_models(args) -> list[ModelToRun]:
     """Which models to evaluate, retrain reference first (its AUC feeds the others' PrivLeak)."""
+    from benchmarks.core.data import world_root_models
     from benchmarks.core.models import check_model_ref
 
-    if args.model is None and args.data != WORLD:
-        raise UsageError("--model is required unless --data is 'world' (which brings its own target model)")
+    # A built world's root (python -m benchmarks.world --out DIR) brings its target and retrain.
+    world = world_root_models(args.data)
+    if args.model is None and args.data != WORLD and world is None:
+        raise UsageError("--model is required unless --data is 'world' or a built world's directory "
+                         "(which bring their own target model)")
     plan = []
     if args.retrain_model is not None:
         plan.append(ModelToRun("retrain", check_model_ref(args.retrain_model), args.retrain_model))
     elif args.data == WORLD:
         plan.append(ModelToRun("retrain", None, "world/retrain"))
-    if args.model is None:
+    elif world is not None:  # PrivLeak's reference is the world's retrain, never MUSE-News' 0.4772
+        plan.append(ModelToRun("retrain", check_model_ref(str(world.retrain)), f"{world.root.name}/retrain"))
+    if args.model is None and world is not None:
+        plan.append(ModelToRun("target", check_model_ref(str(world.target)), f"{world.root.name}/target"))
+    elif args.model is None:
         plan.append(ModelToRun("target", None, "world/target"))
     else:
         plan.append(ModelToRun("model", check_model_ref(args.model), args.model))
@@ -100,6 +112,12 @@ def plan_models(args) -> list[ModelToRun]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    from benchmarks.core.tofu_data import is_tofu_source
+
+    if is_tofu_source(args.data):
+        from benchmarks.core.tofu_cli import run_evaluate
+
+        return run_evaluate(args, argv)
 
     # ---- validate everything before a model is loaded
     from benchmarks.core.data import load_data, resolve_source
@@ -127,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     timings["data"] = time.perf_counter() - started
 
     if any(entry.ref is None for entry in plan):
-        from benchmarks.world import ensure_world  # builds (or finds cached) world models
+        from benchmarks.core.world_build import ensure_world  # builds (or finds cached) world models
 
         started = time.perf_counter()
         world = ensure_world()

@@ -1,6 +1,6 @@
 """Where the time of a relearning run goes: ``python -m benchmarks.profile [relearn args...]``.
 
-Runs ``python -m benchmarks.relearn`` in this process (with the arguments given, the default
+Runs ``python -m benchmarks.relearn`` in a process of its own (with the arguments given, the default
 end-to-end world run when there are none), writing its result files to a temporary directory
 so nothing under ``results/`` is touched, and prints its stages -- world, defenses, attacks,
 evaluation -- with seconds and share of the wall-clock total, so the slowest stage is visible.
@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -175,13 +176,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, relearn_argv = build_parser().parse_known_args(argv)
     if args.cache is not None and Path(args.cache).exists() and not Path(args.cache).is_dir():
         raise UsageError(f"--cache {args.cache!r} is a file, not a directory; give a directory for the cache")
+    if args.cache is not None:
+        from benchmarks.core.results import check_writable_directory
+
+        check_writable_directory(args.cache, "--cache")
     if _has_flag(relearn_argv, "--dry-run"):
         raise UsageError("--dry-run runs nothing to time; drop it")
 
-    from benchmarks import relearn
+    from benchmarks.core.results import check_output_target, check_writable_directory
 
     explicit_output = _flag_value(relearn_argv, "--output")
     given_dir = _flag_value(relearn_argv, "--output-dir")
+    # The runner is a process of its own; where it will write is checked here too, so that a
+    # bad path is one line before anything starts.
+    if explicit_output is not None:
+        check_output_target(explicit_output, overwrite=_has_flag(relearn_argv, "--overwrite"))
+    if given_dir is not None:
+        check_writable_directory(given_dir, "--output-dir")
     runner_argv = list(relearn_argv)
     temporary: list[Path] = []  # removed at the end unless --keep
     if explicit_output is not None or given_dir is not None:
@@ -199,7 +210,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _environment(CACHE_ENV, cache):
             started_at = time.time()
             began = time.perf_counter()
-            code = relearn.main(runner_argv)
+            # A process of its own, as a user runs it (entry points never import one another);
+            # the wall clock includes its start-up and imports.
+            code = subprocess.run([sys.executable, "-m", "benchmarks.relearn", *runner_argv]).returncode
+        if code != 0:
+            return code  # the runner has said why
             wall = time.perf_counter() - began
         result_path = find_result(out_dir, explicit_output, started_at)
         if result_path is None:

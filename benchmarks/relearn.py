@@ -56,6 +56,7 @@ PAPER_PRESET = {
     "attack": {},  # AttackConfig's own defaults are the paper's
     "milestones": (0, 25, 50, 75, 100, 125, 150),
     "seeds": (0,),
+    "defense_seeds": (0,),
     "defenses": (),
     "dtype": "float32",
     "eval_batch_size": 16,
@@ -84,6 +85,7 @@ WORLD_PRESET = {
     "attack_overrides": {"lora": {"lr": 3e-3}},
     "milestones": (0, 5, 10, 20, 30),
     "seeds": (0, 1, 2),
+    "defense_seeds": (0,),
     "defenses": ("npo", "npo_sam"),
     "dtype": "float32",
     "eval_batch_size": 64,
@@ -106,6 +108,21 @@ _ATTACK_FLAGS = {
     "lora-dropout": ("lora_dropout", float, "LoRA dropout (lora attack)"),
     "lora-targets": ("lora_targets", str, "comma-separated module names to adapt (lora attack)"),
 }
+
+
+def _generated_attack_flags() -> dict:
+    """Flags for the registered attacks' own settings not listed in ``_ATTACK_FLAGS`` (a new
+    attack's config fields become flags with no edit here)."""
+    from attacks import attack_flags
+
+    listed = {name for name, _, _ in _ATTACK_FLAGS.values()}
+    return {name: entry for name, entry in attack_flags().items() if name not in listed}
+
+
+def _attack_plan(name: str) -> list[str]:
+    from attacks.compose import describe_plan
+
+    return describe_plan(name)["plan"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -137,14 +154,36 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="model weights dtype")
 
     attack = parser.add_argument_group("attack")
-    attack.add_argument("--attack", default="finetune", help="relearning attack by exact name: finetune or lora")
+    from attacks import ATTACKS
+
+    attack.add_argument("--attack", default="finetune",
+                        help=f"attack by exact name ({', '.join(ATTACKS.names())}), or a plan of names joined by "
+                             "'+' such as finetune+quantize (train, then quantize at each milestone)")
     attack.add_argument("--relearn-docs", default=None,
                         help="forget documents given to the attacker: a count (8) or a fraction (0.5 or 50%%)")
     for flag, (_, kind, text) in _ATTACK_FLAGS.items():
         attack.add_argument(f"--{flag}", type=str if kind is str else kind, default=None, help=text)
+    for name, entry in _generated_attack_flags().items():
+        text = f"{entry['help']} [{', '.join(entry['attacks'])}]"
+        if entry["type"] is bool:
+            attack.add_argument(f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=None,
+                                dest=name, help=text)
+        else:
+            attack.add_argument(f"--{name.replace('_', '-')}", type=entry["type"], default=None, dest=name, help=text)
     attack.add_argument("--seeds", default=None, help="comma-separated seeds (each draws T/V and the data order)")
+    attack.add_argument(
+        "--defense-seeds", default=None,
+        help="comma-separated unlearning seeds (data order and initial RNG of each defense): one seed, or one "
+             "per --seeds entry, paired in order, so the intervals include the defense's own training noise "
+             "(default: 0)")
     attack.add_argument("--milestones", default=None, help="comma-separated steps to evaluate at (0 and --steps are added)")
     attack.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps instead of --milestones")
+    attack.add_argument("--lr-sweep", default=None,
+                        help="comma-separated learning rates: one run per rate, then the attacker's best per model "
+                             "(see --utility-cap), written to a sweep file beside the runs' files")
+    attack.add_argument("--utility-cap", type=float, default=0.9,
+                        help="with --lr-sweep: milestones count only while KnowMem-retain stays >= this fraction "
+                             "of the model's own before the attack (default 0.9)")
 
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--privleak", action="store_true", help="also measure PrivLeak before and after the attack")
@@ -172,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "same numbers)")
     misc.add_argument("--no-progress", action="store_true", help="no progress bars")
     misc.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    from benchmarks.core.tofu_cli import add_tofu_arguments
+
+    add_tofu_arguments(parser)  # --data tofu / tofu-world / a TOFU directory: relearning by author
     return parser
 
 
@@ -188,11 +230,21 @@ class Role:
     defense: str | None = None
     defense_config: dict | None = None
     base: str | None = None  # a defended model's starting point (a role label or a ref)
+    # A defended model per attack seed: attack seed -> unlearning seed (paired in order), and
+    # once unlearned, attack seed -> checkpoint. Baselines are one checkpoint for every seed.
+    defense_seeds: dict[int, int] = field(default_factory=dict)
+    seed_refs: dict[int, str] = field(default_factory=dict)
+
+    def ref_for(self, seed: int) -> str | None:
+        """The checkpoint attacked with attack seed ``seed``."""
+        return self.seed_refs.get(seed, self.ref)
 
     def describe(self) -> dict:
         out = {"kind": self.kind, "checkpoint": self.ref or "(built at run time)"}
         if self.defense is not None:
             out.update(defense=self.defense, defense_hyperparameters=self.defense_config, unlearned_from=self.base)
+            if len(set(self.defense_seeds.values())) > 1:
+                out.update(defense_seed_per_attack_seed=dict(self.defense_seeds))
         return out
 
 
@@ -226,6 +278,12 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     gradient_checkpointing: bool = False  # memory only: the numbers, and so the plan's key, do not change
     checkpoint_every: int = 0
+    # KnowMem-retain at every milestone, not only at step 0 and the last (the lr sweep's cap needs it)
+    retain_every_milestone: bool = False
+    #: PrivLeak's reference when no retrain curve runs: a world's retrain checkpoint (``WORLD``:
+    #: the default world's, found at run time), measured once and never attacked. None: the
+    #: retrain curve's own step-0 AUC, or for data that is not a world MUSE-News' published value.
+    privleak_reference: str | None = None
 
     def identity(self) -> dict:
         """What determines the numbers (hashes into the resume key): not where files go."""
@@ -233,7 +291,9 @@ class Plan:
             "data": self.data,
             "model_id": self.model_id,
             "roles": {r.label: {"kind": r.kind, "ref": r.ref, "defense": r.defense,
-                                "defense_config": r.defense_config, "base": r.base} for r in self.roles},
+                                "defense_config": r.defense_config, "base": r.base,
+                                **({"defense_seeds": r.defense_seeds} if r.defense_seeds else {})}
+                      for r in self.roles},
             "attack": self.attack,
             "attack_config": self.attack_config.to_dict(),
             "seeds": self.seeds,
@@ -241,6 +301,8 @@ class Plan:
             "dtype": self.dtype,
             "eval_batch_size": self.eval_batch_size,
             "privleak": self.privleak,
+            **({"retain_every_milestone": True} if self.retain_every_milestone else {}),
+            "privleak_reference": self.privleak_reference,
         }
 
     def key(self) -> str:
@@ -312,20 +374,16 @@ def _data_label(source: str) -> str:
 
 
 def _default_state_root() -> Path:
-    from benchmarks.world import cache_root
+    from benchmarks.core.world_build import cache_root
 
     return cache_root() / "relearn-state"
 
 
 def _check_writable_dir(path: Path, what: str) -> None:
     """A directory we will write into: it exists and is writable, or can be created."""
-    probe = path
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"{what} {path} is not a writable directory; choose another path")
+    from benchmarks.core.results import check_writable_directory
+
+    check_writable_directory(path, what)
 
 
 def _resolve_data(source: str, dry_run: bool, notes: list[str]) -> str:
@@ -346,33 +404,47 @@ def _resolve_data(source: str, dry_run: bool, notes: list[str]) -> str:
 
 def _defense_settings(name: str, preset: str) -> dict:
     """A defense's hyperparameters: the world's calibrated ones or the paper's defaults."""
-    from benchmarks.unlearn import preset_settings
+    from benchmarks.core.unlearning import preset_settings
+    from defenses import DEFENSES
 
-    return preset_settings(name, "world" if preset == WORLD else "paper")
+    return preset_settings(name, "world" if preset == WORLD else "paper", DEFENSES)
 
 
 def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
     """Check every argument and fix the run; raises :class:`UsageError` before any loading."""
-    from attacks import ATTACKS
+    from attacks import attack_class
     from benchmarks.core.models import check_model_ref
     from benchmarks.core.results import check_output_target, command_line
 
     notes: list[str] = []
     data_kind = _resolve_data(args.data, args.dry_run, notes)
-    preset_name = WORLD if args.data == WORLD else "muse-news"
+    from benchmarks.core.data import world_root_models
+
+    # A built world's root (python -m benchmarks.world --out DIR) brings its own models too.
+    world_models = world_root_models(args.data)
+    world_data = args.data == WORLD or world_models is not None
+    preset_name = WORLD if world_data else "muse-news"
     preset = WORLD_PRESET if preset_name == WORLD else PAPER_PRESET
 
     # ---- the attack and its settings (preset, then flags)
-    attack_cls = ATTACKS.get(args.attack)
-    settings = {**preset["attack"], **preset.get("attack_overrides", {}).get(args.attack, {})}
+    attack_cls = attack_class(args.attack)
+    first = getattr(attack_cls, "parts", (attack_cls,))[0].name  # a plan takes its training part's preset
+    settings = {**preset["attack"], **preset.get("attack_overrides", {}).get(first, {})}
     if args.relearn_docs is not None:
         settings.update(parse_relearn_docs(args.relearn_docs))
-    for flag, (name, kind, _) in _ATTACK_FLAGS.items():
+    from dataclasses import fields as _fields
+
+    accepted = {f.name for f in _fields(attack_cls.config_class)}
+    generated = _generated_attack_flags()
+    given = [(flag, name) for flag, (name, _, _) in _ATTACK_FLAGS.items()]
+    given += [(name.replace("_", "-"), name) for name in generated]
+    for flag, name in given:
         value = getattr(args, flag.replace("-", "_"))
         if value is None:
             continue
-        if name.startswith("lora_") and args.attack != "lora":
-            raise UsageError(f"--{flag} applies to the lora attack only (this run uses --attack {args.attack})")
+        if name not in accepted:
+            users = ", ".join(generated[name]["attacks"]) if name in generated else "lora"
+            raise UsageError(f"--{flag} applies to the {users} attack only (this run uses --attack {args.attack})")
         if name == "lora_targets":
             value = tuple(t.strip() for t in value.split(",") if t.strip())
         if name == "max_grad_norm" and value == 0:
@@ -383,6 +455,14 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
     seeds = _parse_int_list(args.seeds, "--seeds") if args.seeds is not None else list(preset["seeds"])
     if len(set(seeds)) != len(seeds):
         raise UsageError(f"--seeds repeats a seed: {args.seeds}")
+    defense_seeds = (_parse_int_list(args.defense_seeds, "--defense-seeds") if args.defense_seeds is not None
+                     else list(preset["defense_seeds"]))
+    if len(defense_seeds) not in (1, len(seeds)):
+        raise UsageError(f"--defense-seeds needs one seed or one per --seeds entry ({len(seeds)}), "
+                         f"got {len(defense_seeds)}: {','.join(map(str, defense_seeds))}")
+    # Pairing, not the product: each replicate draws both noise sources afresh, so the interval
+    # over replicates covers both at the cost of len(seeds) attacks, not len(seeds)^2.
+    defense_seed_of = {seed: defense_seeds[i % len(defense_seeds)] for i, seed in enumerate(seeds)}
     if args.milestones is None and args.eval_every is None:
         # The preset's milestones fit its own step count; for another count, thin them out.
         if config.steps == preset["attack"].get("steps", 150):
@@ -403,7 +483,7 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
 
     # ---- the models
     roles: list[Role] = []
-    world = args.model is None
+    world = args.model is None and world_models is None  # the default world's target
     if world and args.data != WORLD:
         raise UsageError(f"--model is required with --data {args.data!r} (only the world brings its own models)")
     if args.defense is None:
@@ -425,9 +505,20 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
         if len(set(defenses)) != len(defenses):
             raise UsageError(f"--defense repeats a defense: {args.defense}")
     model_ref = check_model_ref(args.model) if args.model is not None else None
-    model_id = "world/target" if world else args.model
     target_ref = check_model_ref(args.target_model) if args.target_model else None
     retrain_ref = check_model_ref(args.retrain_model) if args.retrain_model else None
+    if world_models is not None:
+        for what, path in (("target", world_models.target), ("retrain", world_models.retrain)):
+            if not (path / "config.json").is_file():
+                raise UsageError(f"world {world_models.root} has no {what} model at {path}; rebuild it with "
+                                 f"python -m benchmarks.world --force --out {world_models.root}")
+        if model_ref is None and args.defense is None:
+            raise UsageError(f"--defense is required with --data {args.data}: e.g. npo,npo_sam to unlearn the world's "
+                             "target, or --model CKPT --defense none to attack a checkpoint")
+        model_ref = model_ref or str(world_models.target)
+        target_ref = target_ref or str(world_models.target)
+        retrain_ref = retrain_ref or str(world_models.retrain)
+    model_id = "world/target" if world else (args.model or model_ref)
 
     if not args.no_baselines:
         if target_ref is not None:
@@ -446,13 +537,14 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
             settings = _defense_settings(name, preset_name)
             if args.mixed_precision is not None:  # precision is the run's: defenses train in it too
                 settings["mixed_precision"] = config.mixed_precision
-            roles.append(Role(name, "defended", None, defense=name, defense_config=settings, base=base))
+            roles.append(Role(name, "defended", None, defense=name, defense_config=settings, base=base,
+                              defense_seeds=dict(defense_seed_of)))
     else:
-        if world:
+        if args.model is None:
             raise UsageError("--defense none needs --model (the world's target is not unlearned)")
         label = _safe_name(args.label) if args.label else _model_label(args.model)
-        if label in ("target", "retrain"):
-            raise UsageError(f"--label {label!r} is taken by a baseline; choose another")
+        if label in {r.label for r in roles}:  # only baselines that run take a name
+            raise UsageError(f"--label {label!r} is taken by a baseline; choose another (or keep --no-baselines)")
         roles.append(Role(label, "attacked", model_ref))
     from benchmarks.core.precision import check_training_dtype
 
@@ -466,6 +558,11 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
         notes.append("no target model: recovery ratios need one (--target-model); they are reported as null")
     if not any(r.kind == "retrain" for r in roles):
         notes.append("no retrain model: excess over retrain needs one (--retrain-model); reported as null")
+    privleak_reference = None
+    if args.privleak and (world_data or retrain_ref) and not any(r.kind == "retrain" for r in roles):
+        # Never MUSE-News' published AUC for a world: its own retrain model is the reference.
+        privleak_reference = retrain_ref or (str(world_models.retrain) if world_models else WORLD)
+        notes.append("PrivLeak's reference AUC comes from the retrain model, measured once (not attacked)")
     # Retrain first: its step-0 PrivLeak AUC is the others' reference.
     order = {"retrain": 0, "target": 1, "defended": 2, "attacked": 2}
     roles.sort(key=lambda r: order[r.kind])
@@ -482,7 +579,7 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
     else:
         output_file = None
         directory = Path(args.output_dir) if args.output_dir else Path("results") / _data_label(args.data) / (
-            "world-target" if world else _model_label(args.model))
+            "world-target" if world else _model_label(args.model or model_ref))
         check_output_target(directory)
         _check_writable_dir(directory, "--output-dir")
 
@@ -491,7 +588,7 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
         data=args.data,
         data_kind=data_kind,
         preset=preset_name,
-        world=world or args.data == WORLD,
+        world=world or world_data,
         model_id=model_id,
         model_ref=model_ref,
         roles=roles,
@@ -513,6 +610,7 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
         notes=notes,
         gradient_checkpointing=args.gradient_checkpointing,
         checkpoint_every=args.checkpoint_every,
+        privleak_reference=privleak_reference,
     )
     state_root = Path(args.state_dir) if args.state_dir else _default_state_root()
     _check_writable_dir(state_root, "--state-dir")
@@ -522,7 +620,7 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
 
 def _world_status() -> tuple[str, str]:
     """The default world's directory, and whether it is built."""
-    from benchmarks.world import WorldBuildConfig, default_world_dir, read_manifest
+    from benchmarks.core.world_build import WorldBuildConfig, default_world_dir, read_manifest
 
     root = default_world_dir(WorldBuildConfig())
     return str(root), "cached" if read_manifest(root) is not None else "built on first use (minutes)"
@@ -542,13 +640,14 @@ def format_plan(plan: Plan) -> str:
                      "batch 4, cosine, 2048-token chunks; its 100/125/150-step attacks are read off one 150-step run "
                      "(one trajectory per curve), so those points share the 150-step cosine schedule")
     if plan.data_kind == "hub" or (plan.data_kind != "world" and not plan.world):
-        notes.append("questions without a doc_id (MUSE-News as published) make T/V recovery unavailable; it is "
-                     "reported as such, never guessed")
+        notes.append("questions without a doc_id (MUSE-News as published) are attributed to a raw/forget document "
+                     "by BM25 (ambiguous ones are marked so); V keeps only questions whose document is not in T and "
+                     "whose answer occurs in no T document, with the count removed by each rule in the result")
     if not plan.world and plan.attack == "finetune" and plan.dtype == "float32":
         notes.append("full fine-tuning in float32 holds weights, gradients and two AdamW moments (16 bytes per "
                      "parameter); for a 7B model on one GPU use --attack lora (with --dtype bfloat16 if you like); "
                      "--mixed-precision bf16 speeds up compute and keeps float32 master weights")
-    from benchmarks.world import cache_root
+    from benchmarks.core.world_build import cache_root
 
     models = {r.label: r.describe() for r in plan.roles}
     world_dir, world_state = _world_status() if plan.world else (None, None)
@@ -572,7 +671,8 @@ def format_plan(plan: Plan) -> str:
         },
         "evaluation": {
             "metrics": ["knowmem_forget", "knowmem_forget_relearn (T)", "knowmem_forget_heldout (V)",
-                        "verbmem_forget", "knowmem_retain"] + (["privleak (steps 0 and last)"] if plan.privleak else []),
+                        "verbmem_forget", "verbmem_forget_relearn (T)", "verbmem_forget_heldout (V)",
+                        "knowmem_retain"] + (["privleak (steps 0 and last)"] if plan.privleak else []),
             "batch_size": plan.eval_batch_size,
             "model_evaluations": len(plan.roles) * (1 + len(plan.seeds) * (len(plan.milestones) - 1)),
         },
@@ -725,11 +825,11 @@ def _prepare_models(plan: Plan, data, timings: dict) -> tuple[dict[str, dict], s
     """Fill in the world's checkpoints and run (or find cached) defenses; returns per role the
     model record for the result file, and the checkpoint of ``plan.model_id``."""
     from benchmarks.core.results import timed
-    from benchmarks.unlearn import model_fingerprint
+    from benchmarks.core.unlearning import model_fingerprint
 
     base_ref = plan.model_ref
     if base_ref is None or any(r.ref is None and r.kind in ("target", "retrain") for r in plan.roles):
-        from benchmarks.world import ensure_world
+        from benchmarks.core.world_build import ensure_world
 
         with timed(timings, "world"):
             paths = ensure_world()  # built on first use, then cached
@@ -743,18 +843,25 @@ def _prepare_models(plan: Plan, data, timings: dict) -> tuple[dict[str, dict], s
     records = {}
     for role in plan.roles:
         if role.kind == "defended":
-            from benchmarks import unlearn
+            from benchmarks.core.unlearning import unlearn_cached
+            from defenses import DEFENSES
 
+            unlearned: dict[int, str] = {}  # unlearning seed -> checkpoint
             try:
                 with timed(timings, "defense"):
-                    role.ref = str(unlearn.unlearn_cached(role.base, role.defense, role.defense_config, data,
-                                                          dtype=plan.dtype, progress=plan.progress,
-                                                          gradient_checkpointing=plan.gradient_checkpointing))
+                    for attack_seed, defense_seed in role.defense_seeds.items():
+                        if defense_seed not in unlearned:
+                            settings = {**role.defense_config, "seed": defense_seed}
+                            unlearned[defense_seed] = str(unlearn_cached(
+                                role.base, role.defense, settings, data, registry=DEFENSES, dtype=plan.dtype,
+                                progress=plan.progress, gradient_checkpointing=plan.gradient_checkpointing))
+                        role.seed_refs[attack_seed] = unlearned[defense_seed]
             except TrainingDiverged as err:
                 # Nothing to attack; the run goes on with the other models and reports this one.
                 logger.error("defense %s diverged: %s", role.defense, err)
                 records[role.label] = _diverged_record(role, err)
                 continue
+            role.ref = role.seed_refs[min(role.seed_refs)]
         records[role.label] = {
             "kind": role.kind,
             "checkpoint": role.ref,
@@ -762,6 +869,19 @@ def _prepare_models(plan: Plan, data, timings: dict) -> tuple[dict[str, dict], s
             **({"defense": role.defense, "defense_hyperparameters": role.defense_config,
                 "unlearned_from": role.base} if role.defense else {}),
         }
+        if role.kind == "defended":
+            # The unlearning behind each checkpoint: per-epoch table and the epoch kept, so the
+            # result file shows where each defense's operating point came from.
+            records[role.label]["unlearning"] = {
+                f"defense_seed_{defense_seed}": _unlearning_record(ref)
+                for defense_seed, ref in sorted({role.defense_seeds[s]: r for s, r in role.seed_refs.items()}.items())
+            }
+        if len(set(role.seed_refs.values())) > 1:
+            records[role.label]["per_attack_seed"] = {
+                seed: {"defense_seed": role.defense_seeds[seed], "checkpoint": ref,
+                       "revision_or_hash": model_fingerprint(ref)}
+                for seed, ref in sorted(role.seed_refs.items())
+            }
     plan.roles[:] = [r for r in plan.roles if records[r.label].get("status") != "diverged"]
     if not plan.roles:
         raise TrainingDiverged("every model of the run diverged while unlearning: "
@@ -781,6 +901,19 @@ def _diverged_record(role: Role, err: TrainingDiverged) -> dict:
             "epochs": epochs}
 
 
+def _unlearning_record(checkpoint: str) -> dict:
+    """What a cached unlearned checkpoint's ``unlearn.yaml`` says about its epochs."""
+    from benchmarks.core.results import read_result
+    from benchmarks.core.unlearning import RESULT_NAME
+
+    report = read_result(Path(checkpoint) / RESULT_NAME)
+    keep = ("epoch", "knowmem_forget", "verbmem_forget", "knowmem_retain", "meets_bar", "mean_loss")
+    return {
+        "selection": report.get("selection"),
+        "epochs": [{k: row[k] for k in keep if k in row} for row in report.get("epochs", [])],
+    }
+
+
 def _attack_one(plan: Plan, role: Role, seed: int, texts: list[str], evalset, state: RunState,
                 retrain_auc: float | None, zero_point: dict | None) -> dict:
     """One trajectory: load the model, attack it once, measure at step 0 and every milestone.
@@ -793,12 +926,12 @@ def _attack_one(plan: Plan, role: Role, seed: int, texts: list[str], evalset, st
     """
     import torch
 
-    from attacks import ATTACKS
+    from attacks import attack_class
     from benchmarks.core.models import load_model
     from benchmarks.core.recovery import measure_point
 
-    attack = ATTACKS.get(plan.attack)(plan.attack_config)
-    loaded, tokenizer = load_model(role.ref, dtype=plan.dtype, device=_device())
+    attack = attack_class(plan.attack)(plan.attack_config)
+    loaded, tokenizer = load_model(role.ref_for(seed), dtype=plan.dtype, device=_device())
     model = attack.prepare(loaded)
     last = plan.milestones[-1]
     curve: dict[int, dict] = {}
@@ -821,9 +954,12 @@ def _attack_one(plan: Plan, role: Role, seed: int, texts: list[str], evalset, st
         reference = retrain_auc
         if role.kind == "retrain" and step > 0 and with_privleak:
             reference = curve[0]["privleak_auc"]  # the retrain model before the attack is the reference
+        # Utility is read before and after the attack (what the leaderboard's gate and the
+        # sweep's cap use); between milestones it would cost a third of the evaluation.
         curve[step] = measure_point(
             attacked, tokenizer, evalset, batch_size=plan.eval_batch_size, privleak=with_privleak,
             retrain_auc=reference, as_retrain=role.kind == "retrain" and step == 0,
+            retain=plan.retain_every_milestone or step in (0, last),
         )
         eval_seconds += time.perf_counter() - began
         logger.info("%s, seed %d, step %d: %s", role.label, seed, step,
@@ -863,11 +999,32 @@ def _attack_one(plan: Plan, role: Role, seed: int, texts: list[str], evalset, st
     }
 
 
+def _reference_auc(plan: Plan, evalset) -> float:
+    """PrivLeak's AUC_retrain from ``plan.privleak_reference``, a retrain model that is not
+    among the curves (so it is measured here, once, and never attacked)."""
+    from benchmarks.core.metrics import privleak
+    from benchmarks.core.models import load_model
+
+    ref = plan.privleak_reference
+    if ref == WORLD:
+        from benchmarks.core.world_build import ensure_world
+
+        ref = str(ensure_world().retrain_dir)
+    model, tokenizer = load_model(ref, dtype=plan.dtype, device=_device())
+    leak = privleak(model, tokenizer, evalset.privleak_forget, evalset.privleak_holdout,
+                    batch_size=plan.eval_batch_size, as_retrain=True)
+    logger.info("PrivLeak reference: AUC %.4f of the retrain model %s", leak.details["auc"], ref)
+    return leak.details["auc"]
+
+
 def execute(plan: Plan) -> dict:
     """Run the plan; returns the result dict (written by :func:`main`)."""
     from benchmarks.core.data import load_data
+    from benchmarks.core.attribution import attribute_data
+    from benchmarks.core.leakage import guarded_groups
     from benchmarks.core.recovery import EvalSet, document_ids, question_groups, resolve_count, split_documents
-    from benchmarks.core.results import new_run_id, utc_now
+    from benchmarks.core.results import new_run_id, timed, utc_now
+    from benchmarks.core.world_build import cache_root
 
     timings: dict[str, float] = {}
     began = time.perf_counter()
@@ -877,6 +1034,8 @@ def execute(plan: Plan) -> dict:
     text_of = dict(zip(ids, (r["text"] for r in forget)))
     count = resolve_count(len(ids), plan.attack_config.relearn_docs, plan.attack_config.relearn_fraction)
     evalset = EvalSet.from_data(data, privleak=plan.privleak)
+    # Which document each question comes from: given by the world, attributed for MUSE-News.
+    attribution = attribute_data(data, cache_dir=cache_root() / "attribution")
     timings["data"] = time.perf_counter() - began
 
     state = RunState(plan.state_dir, plan.checkpoints, plan.checkpoint_every)
@@ -895,21 +1054,29 @@ def execute(plan: Plan) -> dict:
     model_records = meta.get("models")
     if model_records is None:
         model_records, base_ref = _prepare_models(plan, data, timings)
-        from benchmarks.unlearn import model_fingerprint
+        from benchmarks.core.unlearning import model_fingerprint
 
         meta.update(models=model_records, refs={r.label: r.ref for r in plan.roles},
+                    seed_refs={r.label: r.seed_refs for r in plan.roles if r.seed_refs},
                     model_hash=model_fingerprint(base_ref))
         state.update_meta(**meta)
     else:
         plan.roles[:] = [r for r in plan.roles if r.label in meta["refs"]]  # diverged defenses left out
         for role in plan.roles:
             role.ref = meta["refs"][role.label]
+            role.seed_refs = {int(k): v for k, v in meta.get("seed_refs", {}).get(role.label, {}).items()}
 
-    splits = {seed: split_documents(ids, count, seed) for seed in plan.seeds}
-    groups = {seed: question_groups(evalset.forget_qa, split) for seed, split in splits.items()}
-    trajectories: dict[int, dict[str, dict]] = {}
-    zero_points: dict[str, dict] = {}
     retrain_auc = meta.get("retrain_auc")
+    if plan.privleak and plan.privleak_reference is not None and retrain_auc is None:
+        with timed(timings, "evaluation"):
+            retrain_auc = _reference_auc(plan, evalset)
+        state.update_meta(retrain_auc=retrain_auc)
+    splits = {seed: split_documents(ids, count, seed) for seed in plan.seeds}
+    groups = {seed: guarded_groups(evalset.forget_qa, attribution.get("knowmem/forget_qa"), split, text_of)
+              for seed, split in splits.items()}
+    verbmem_groups = {seed: question_groups(evalset.verbmem, split) for seed, split in splits.items()}
+    trajectories: dict[int, dict[str, dict]] = {}
+    zero_points: dict[str, dict] = {}  # checkpoint -> its step-0 measurement
     from tqdm.auto import tqdm
 
     jobs = [(seed, role) for seed in plan.seeds for role in plan.roles]
@@ -918,57 +1085,98 @@ def execute(plan: Plan) -> dict:
         bar.set_postfix_str(f"{role.label} seed {seed}")
         record = state.finished(seed, role.label)
         if record is None:
-            texts = [text_of[d] for d in splits[seed].train]
-            record = _attack_one(plan, role, seed, texts, evalset, state, retrain_auc, zero_points.get(role.label))
+            from attacks import attack_class
+
+            # What the attack trains on: T's documents, or (benign) text without forget knowledge.
+            texts = attack_class(plan.attack)(plan.attack_config).documents(
+                [text_of[d] for d in splits[seed].train], data, seed)
+            record = _attack_one(plan, role, seed, texts, evalset, state, retrain_auc,
+                                 zero_points.get(role.ref_for(seed)))
             state.finish(seed, role.label, record)
         # Counted from the records, so a resumed run reports the time of the whole run.
         timings["attack"] = timings.get("attack", 0.0) + record["attack_seconds"]
         timings["evaluation"] = timings.get("evaluation", 0.0) + record["eval_seconds"]
-        zero_points.setdefault(role.label, record["curve"]["0"])
+        zero_points.setdefault(role.ref_for(seed), record["curve"]["0"])
         if role.kind == "retrain" and plan.privleak and retrain_auc is None:
             retrain_auc = record["curve"]["0"].get("privleak_auc")
             state.update_meta(retrain_auc=retrain_auc)
         trajectories.setdefault(seed, {})[role.label] = record
     bar.close()
     timings["total"] = time.perf_counter() - began
-    return build_result(plan, meta, model_records, data, splits, groups, trajectories, timings, retrain_auc)
+    return build_result(plan, meta, model_records, data, splits, groups, trajectories, timings, retrain_auc,
+                        verbmem_groups=verbmem_groups, attribution=attribution)
 
 
 # --------------------------------------------------------------------------- the result
 
 
 def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict, groups: dict,
-                 trajectories: dict, timings: dict, retrain_auc: float | None) -> dict:
-    """The result dict (schema of :mod:`benchmarks.core.results`)."""
-    from benchmarks.core.metrics import KNOWMEM_MAX_NEW_TOKENS, MUSE_NEWS_RETRAIN_AUC_SOURCE, VERBMEM_MAX_NEW_TOKENS
+                 trajectories: dict, timings: dict, retrain_auc: float | None,
+                 verbmem_groups: dict | None = None, attribution=None) -> dict:
+    """The result dict (schema of :mod:`benchmarks.core.results`). ``groups`` and
+    ``verbmem_groups`` hold per seed the T/V grouping of the knowmem questions and of the
+    verbmem items (without ``verbmem_groups`` VerbMem has no T/V curves); ``attribution`` (a
+    ``DataAttribution``) says which document each question was grouped by."""
+    from benchmarks.core.leakage import GUARD_RULE
     from benchmarks.core.precision import precision_record, processes_record
-    from benchmarks.core.recovery import DEFINITIONS, curves_and_summary, point_values
-    from benchmarks.core.results import HIGHER_IS_BETTER, SCHEMA_VERSION, environment_info
+    from benchmarks.core.metrics import (
+        KNOWMEM_MAX_NEW_TOKENS,
+        MUSE_NEWS_RETRAIN_AUC,
+        MUSE_NEWS_RETRAIN_AUC_SOURCE,
+        VERBMEM_MAX_NEW_TOKENS,
+    )
+    from benchmarks.core.recovery import DEFINITIONS, SPLIT_RULE, curves_and_summary, point_values
+    from benchmarks.core.results import HIGHER_IS_BETTER, SCHEMA_VERSION, attack_settings_hash, environment_info
 
     steps = plan.milestones
     target = next((r.label for r in plan.roles if r.kind == "target"), None)
     retrain = next((r.label for r in plan.roles if r.kind == "retrain"), None)
     shown = {"target": 0, "retrain": 1}  # baselines first in files, tables and legends
     labels = [r.label for r in sorted(plan.roles, key=lambda r: shown.get(r.kind, 2))]
+    verbmem_groups = verbmem_groups or {}
     points = {
-        label: {seed: {int(s): point_values(raw, groups[seed]) for s, raw in trajectories[seed][label]["curve"].items()}
+        label: {seed: {int(s): point_values(raw, groups[seed], verbmem_groups.get(seed))
+                       for s, raw in trajectories[seed][label]["curve"].items()}
                 for seed in plan.seeds}
         for label in labels
     }
     curves, summary, metrics = curves_and_summary(steps, points, target, retrain, privleak=plan.privleak)
+    question_counts = {"knowmem_forget_relearn": "train", "knowmem_forget_heldout": "held_out"}
+    for per_label in curves.values():  # every T/V figure carries the number of questions behind it
+        for metric, group in question_counts.items():
+            if metric in per_label["metrics"]:
+                per_label["metrics"][metric]["questions"] = {seed: len(getattr(g, group) or ()) for seed, g in groups.items()}
     first_groups = groups[plan.seeds[0]]
+    forget_attribution = attribution.get("knowmem/forget_qa") if attribution is not None else None
     if first_groups.held_out is None:
         heldout_note = f"unavailable: {first_groups.reason}"
+    elif not splits[plan.seeds[0]].held_out:
+        heldout_note = ("not held out: every forget document went to the attacker (the paper's setting), so V is "
+                        "empty and every forget question was in the attacker's documents")
     elif "knowmem_forget_heldout" not in metrics:
-        heldout_note = "unavailable: V is empty (every forget document went to the attacker)"
+        heldout_note = "unavailable: no forget question passed the leakage guard into V"
+    elif forget_attribution is not None and forget_attribution.coverage()["attributed"]:
+        heldout_note = (f"questions grouped into T and V by the raw/forget document attributed to them "
+                        f"({attribution.method['name']}, margin threshold {attribution.method['threshold']}), "
+                        "under the leakage guard (see attribution)")
     else:
-        heldout_note = "questions grouped into T and V by their doc_id"
+        heldout_note = "questions grouped into T and V by their doc_id, under the leakage guard (see attribution)"
+    first_verbmem = verbmem_groups.get(plan.seeds[0])
+    if first_verbmem is None:
+        verbmem_note = "unavailable: the verbmem items were not grouped"
+    elif first_verbmem.held_out is None:
+        verbmem_note = "unavailable: the verbmem items carry no doc_id, so which belong to T or V is unknown"
+    elif "verbmem_forget_heldout" not in metrics:
+        verbmem_note = "unavailable: no verbmem item comes from a document of V"
+    else:
+        verbmem_note = "verbmem items grouped into T and V by their doc_id (the article they are cut from)"
 
     statuses = {t["status"] for per_role in trajectories.values() for t in per_role.values()}
     statuses |= {record.get("status", "complete") for record in model_records.values()}
     status = "diverged" if "diverged" in statuses else "complete"
     # From the model records, which keep a defense that diverged (and so has no curve).
-    defended = [(r["defense"], r["defense_hyperparameters"]) for r in model_records.values() if r["kind"] == "defended"]
+    defended = [(r.get("defense", label), r.get("defense_hyperparameters", {}))
+                for label, r in model_records.items() if r["kind"] == "defended"]
     if len(defended) == 1:
         defense = {"name": defended[0][0], "hyperparameters": defended[0][1]}
     elif defended:
@@ -980,9 +1188,14 @@ def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict
     data_splits = {key: {"n": v["records"], "sha256": v["sha256"]} for key, v in data.describe()["splits"].items()}
     privleak_reference = None
     if plan.privleak:
-        privleak_reference = ({"auc": retrain_auc, "source": f"retrain model ({retrain}) before the attack"}
-                              if retrain else {"auc": None, "source": MUSE_NEWS_RETRAIN_AUC_SOURCE})
-    return {
+        if retrain:
+            privleak_reference = {"auc": retrain_auc, "source": f"retrain model ({retrain}) before the attack"}
+        elif plan.privleak_reference is not None:
+            privleak_reference = {"auc": retrain_auc,
+                                  "source": f"retrain model ({plan.privleak_reference}), measured once, not attacked"}
+        else:
+            privleak_reference = {"auc": MUSE_NEWS_RETRAIN_AUC, "source": MUSE_NEWS_RETRAIN_AUC_SOURCE}
+    result = {
         "schema_version": SCHEMA_VERSION,
         "run_id": meta["run_id"],
         "command": plan.command,
@@ -995,6 +1208,7 @@ def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict
         "defense": defense,
         "attack": {
             "name": plan.attack,
+            "plan": _attack_plan(plan.attack),  # the attacks applied, in order
             "hyperparameters": plan.attack_config.to_dict(),
             "seeds": list(plan.seeds),
             "milestones": list(steps),
@@ -1004,8 +1218,7 @@ def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict
             "heldout_doc_ids": list(first.held_out),
             "splits": {seed: {"relearn_doc_ids": list(s.train), "heldout_doc_ids": list(s.held_out)}
                        for seed, s in splits.items()},
-            "split_rule": "per seed: T = the documents with the smallest sha256('relearn-bench/T-split/<seed>/<doc_id>'); "
-                          "relearn_doc_ids/heldout_doc_ids above are those of the first seed",
+            "split_rule": SPLIT_RULE,
         },
         "data": {"source": plan.data, "kind": plan.data_kind, "splits": data_splits,
                  "missing": data.describe()["missing"]},
@@ -1023,26 +1236,36 @@ def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict
                           "(step 0 once per model: it precedes any seed-dependent update)",
             "knowmem_forget_questions": {
                 seed: {"all": len(g.all), "relearn": None if g.train is None else len(g.train),
-                       "heldout": None if g.held_out is None else len(g.held_out)}
+                       "heldout": None if g.held_out is None else len(g.held_out),
+                       **({"heldout_removed": dict(g.removed)} if g.removed is not None else {})}
                 for seed, g in groups.items()},
+            "verbmem_items": {
+                seed: {"all": len(g.all), "relearn": None if g.train is None else len(g.train),
+                       "heldout": None if g.held_out is None else len(g.held_out)}
+                for seed, g in verbmem_groups.items()},
             "privleak_reference": privleak_reference,
             "heldout_questions": heldout_note,
+            "heldout_verbmem": verbmem_note,
         },
         "trajectories": {
             label: {seed: {"status": trajectories[seed][label]["status"], "error": trajectories[seed][label]["error"],
                            "losses": trajectories[seed][label]["losses"]} for seed in plan.seeds}
             for label in labels
         },
+        **({"attribution": {**attribution.to_dict(), "heldout_guard": GUARD_RULE}} if attribution is not None else {}),
         "environment": environment_info(_device()),
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
+    # Which runs a leaderboard may compare: the same attack, settings, seeds and T/V rule.
+    result["attack"]["settings_hash"] = attack_settings_hash(result["attack"])
+    return result
 
 
 def format_table(result: dict) -> str:
     """Knowledge before and after the attack, and recovery on held-out V, per curve."""
     from tabulate import tabulate
 
-    from benchmarks.core.recovery import KNOWMEM_ALL, KNOWMEM_V, RETAIN, VERBMEM
+    from benchmarks.core.recovery import KNOWMEM_ALL, KNOWMEM_V, RETAIN, VERBMEM, VERBMEM_V
 
     def cell(stats: dict | None, digits: int = 1) -> str:
         if not stats or stats.get("mean") is None:
@@ -1053,29 +1276,49 @@ def format_table(result: dict) -> str:
         return text
 
     heldout = any(KNOWMEM_V in per_metric for per_metric in result["summary"].values())
+    questions = result["evaluation"]["knowmem_forget_questions"]
     headers = ["model", "KnowMem-forget before", "after"]
     if heldout:
-        headers += ["KnowMem V before", "V after", "V recovery"]
-    headers += ["VerbMem before", "after", "KnowMem-retain before", "after"]
+        headers += ["KnowMem V before", "V after", "V recovery", "V questions"]
+    verbatim_heldout = any(VERBMEM_V in per_metric for per_metric in result["summary"].values())
+    headers += ["VerbMem before", "after"]
+    if verbatim_heldout:
+        headers += ["VerbMem V before", "V after"]
+    headers += ["KnowMem-retain before", "after"]
     rows = []
     for label, per_metric in result["summary"].items():
         row = [label, cell(per_metric[KNOWMEM_ALL]["before"]), cell(per_metric[KNOWMEM_ALL]["after"])]
         if heldout:
             v = per_metric[KNOWMEM_V]
-            row += [cell(v["before"]), cell(v["after"]), cell(v["recovery_ratio"], 2)]
-        row += [cell(per_metric[VERBMEM]["before"]), cell(per_metric[VERBMEM]["after"]),
-                cell(per_metric[RETAIN]["before"]), cell(per_metric[RETAIN]["after"])]
+            row += [cell(v["before"]), cell(v["after"]), cell(v["recovery_ratio"], 2), _count_range(
+                [q["heldout"] for q in questions.values()])]
+        row += [cell(per_metric[VERBMEM]["before"]), cell(per_metric[VERBMEM]["after"])]
+        if verbatim_heldout:
+            row += [cell(per_metric[VERBMEM_V]["before"]), cell(per_metric[VERBMEM_V]["after"])]
+        row += [cell(per_metric[RETAIN]["before"]), cell(per_metric[RETAIN]["after"])]
         rows.append(row)
     steps = result["attack"]["milestones"][-1]
     seeds = len(result["attack"]["seeds"])
     caption = f"{result['attack']['name']} attack, {steps} steps, {seeds} seed(s); mean ± 95% t-interval half-width"
     if heldout:
         caption += "; V recovery = (after − before) / (target before − before) on the held-out documents V"
+        removed = [q["heldout_removed"] for q in questions.values() if q.get("heldout_removed")]
+        if removed:
+            caption += (f"; V questions: {_count_range([q['heldout'] for q in questions.values()])} of "
+                        f"{_count_range([q['all'] for q in questions.values()])}, kept out of V by the leakage guard: "
+                        + ", ".join(f"{rule.replace('_', ' ')} {_count_range([r[rule] for r in removed])}"
+                                    for rule in removed[0]))
     else:
         caption += f"; held-out recovery: {result['evaluation']['heldout_questions']}"
     table = tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True,
                      colalign=("left",) + ("right",) * (len(headers) - 1))
     return table + "\n" + caption
+
+
+def _count_range(counts: list) -> str:
+    """One count, or the range over seeds ("41" or "38–44")."""
+    low, high = min(counts), max(counts)
+    return str(low) if low == high else f"{low}–{high}"
 
 
 # --------------------------------------------------------------------------- entry point
@@ -1084,6 +1327,17 @@ def format_table(result: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    from benchmarks.core.tofu_data import is_tofu_source
+
+    if is_tofu_source(args.data):
+        from attacks import ATTACKS
+        from benchmarks.core.tofu_relearn import run_tofu_relearn
+        from defenses import build_defense
+
+        return run_tofu_relearn(args, argv, ATTACKS, build_defense)
+
+    if args.lr_sweep is not None:
+        return _lr_sweep(args, argv)
     plan = make_plan(args, argv)
     if args.dry_run:
         print(format_plan(plan))
@@ -1092,7 +1346,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    return _run(plan)[0]
 
+
+def _run(plan: Plan) -> tuple[int, Path, dict]:
+    """Execute ``plan`` and write its files: (exit code, result YAML, result)."""
     from benchmarks.core.plots import plot_recovery
     from benchmarks.core.results import write_yaml_atomic
 
@@ -1110,8 +1368,90 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote {output_yaml}\nwrote {output_png}")
     if result["status"] != "complete":
         print(f"warning: run {result['status']}; see trajectories in {output_yaml}", file=sys.stderr)
-        return 3
-    return 0
+        return 3, output_yaml, result
+    return 0, output_yaml, result
+
+
+def _lr_sweep(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    """``--lr-sweep``: every plan made (and checked) first, then one ordinary run per learning
+    rate (its own result file), then the sweep file (``benchmarks.core.sweep``)."""
+    import copy
+
+    from benchmarks.core.results import command_line, new_run_id, utc_now, write_yaml_atomic
+    from benchmarks.core.sweep import lr_sweep_summary, parse_grid
+
+    grid = parse_grid(args.lr_sweep)
+    if args.lr is not None:
+        raise UsageError("give --lr or --lr-sweep, not both")
+    if args.output is not None:
+        raise UsageError("--lr-sweep writes one file per learning rate: use --output-dir, not --output")
+    if not 0 <= args.utility_cap <= 1:
+        raise UsageError(f"--utility-cap must lie in [0, 1], got {args.utility_cap}")
+    plans = {}
+    for lr in grid:
+        one = copy.copy(args)
+        one.lr, one.lr_sweep = lr, None
+        plans[lr] = make_plan(one, argv)
+        plans[lr].retain_every_milestone = True  # the utility cap reads every milestone
+    if args.dry_run:
+        for lr, plan in plans.items():
+            print(f"# --lr {lr}")
+            print(format_plan(plan))
+        return 0
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    files, results, code = {}, {}, 0
+    given = list(argv if argv is not None else sys.argv[1:])
+    for lr, plan in plans.items():
+        logger.info("learning-rate sweep: lr %g", lr)
+        # Each run records the command that reproduces it alone.
+        plan.command = command_line("benchmarks.relearn", _without_sweep(given) + ["--lr", repr(lr)])
+        status, path, result = _run(plan)
+        code = max(code, status)
+        files[f"{lr:g}"], results[lr] = str(path), result
+    table = lr_sweep_summary(results, args.utility_cap)
+    first = next(iter(plans.values()))
+    run_id = new_run_id()
+    document = {
+        "schema_version": 1,
+        "kind": "lr_sweep",
+        "run_id": run_id,
+        "command": command_line("benchmarks.relearn", argv),
+        "created": utc_now(),
+        "attack": first.attack,
+        "learning_rates": grid,
+        "utility_cap": args.utility_cap,
+        "rule": "per model: the best mean over seeds of KnowMem-forget on V (all forget questions when V is "
+                "unavailable) among the milestones before KnowMem-retain first falls below utility_cap x its "
+                "value before the attack; best over the learning rates",
+        "runs": files,
+        "best": table,
+    }
+    path = first.output_dir / f"relearn-lrsweep-{first.output_prefix.removeprefix('relearn-')}-{run_id}.yaml"
+    write_yaml_atomic(path, document, overwrite=False)
+    for label, entry in table.items():
+        print(f"{label}: best {entry['best']} at lr {entry['best_lr']}  " + ", ".join(
+            f"lr {lr}: {e['mean'] if e['mean'] is None else round(e['mean'], 1)}" for lr, e in entry["per_lr"].items()))
+    print(f"wrote {path}")
+    return code
+
+
+def _without_sweep(argv: list[str]) -> list[str]:
+    """``argv`` without ``--lr-sweep``/``--utility-cap`` and their values."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+            continue
+        if item in ("--lr-sweep", "--utility-cap"):
+            skip = True
+            continue
+        if item.startswith(("--lr-sweep=", "--utility-cap=")):
+            continue
+        out.append(item)
+    return out
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ Dropping that file into ``defenses/`` is the whole change: ``defenses/__init__``
 module in the package, and ``python -m benchmarks.unlearn`` turns each config field into a
 command-line flag (``sigma`` -> ``--sigma``).
 
-Micro-batches, as the unlearning data pipeline (:mod:`defenses.data`) builds them::
+Micro-batches, as the unlearning data pipeline (:mod:`benchmarks.core.unlearn_data`) builds them::
 
     {"forget": {"input_ids", "attention_mask", "index"},   # index: example id in the forget set
      "retain": {"input_ids", "attention_mask"}}            # absent when the retain loss is "none"
@@ -30,6 +30,7 @@ The objective is ``w_forget · L_forget + w_retain · L_retain`` (DESIGN §4).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -167,6 +168,16 @@ class Defense:
         """The step function for the shared loop; by default one backward pass of
         :meth:`total_loss` per micro-batch."""
         return plain_step(self.total_loss)
+
+    def evaluation_weights(self, model: torch.nn.Module):
+        """Context in which ``model`` holds the weights the defense would return at this point
+        of training (what per-epoch evaluation should see). By default the model's own weights;
+        weight averaging swaps its running mean in and restores the trajectory afterwards."""
+        return contextlib.nullcontext()
+
+    def finish(self, model: torch.nn.Module) -> None:
+        """Called once after the last step: leave in ``model`` the weights the defense returns
+        (by default, those training ended with)."""
 
     def describe(self) -> dict[str, Any]:
         """Name and every setting, for result files."""

@@ -46,7 +46,7 @@ class GradDiffConfig(DefenseConfig):
 
 class _GradientAscent(Defense):
     def forget_loss(self, model, forget):
-        return ga_loss(sequence_logps(model, forget["input_ids"], forget["attention_mask"]))
+        return ga_loss(sequence_logps(model, forget["input_ids"], forget["attention_mask"], forget.get("loss_mask")))
 
 
 @register_defense("ga")

@@ -69,7 +69,8 @@ class GradientDescentRetain(RetainLoss):
 
     def __call__(self, model, retain, reference_model=None):
         logits = model(input_ids=retain["input_ids"], attention_mask=retain["attention_mask"]).logits
-        return gdr_loss(token_logps(logits, retain["input_ids"]), target_mask(retain["attention_mask"]))
+        mask = target_mask(retain["attention_mask"], retain.get("loss_mask"))  # TOFU: answers only
+        return gdr_loss(token_logps(logits, retain["input_ids"]), mask)
 
 
 @RETAIN_LOSSES.register("klr")
@@ -87,7 +88,7 @@ class KLRetain(RetainLoss):
         with torch.no_grad():
             ref_logits = reference_model(**inputs).logits
         logits = model(**inputs).logits
-        return klr_loss(logits, ref_logits, target_mask(retain["attention_mask"]))
+        return klr_loss(logits, ref_logits, target_mask(retain["attention_mask"], retain.get("loss_mask")))
 
 
 @RETAIN_LOSSES.register("none")

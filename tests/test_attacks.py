@@ -30,8 +30,8 @@ def _probe(model, tokenizer) -> torch.Tensor:
 
 
 def test_attacks_are_registered_by_exact_name():
-    assert ATTACKS.names() == ["finetune", "lora"]
-    with pytest.raises(UsageError, match="valid names: finetune, lora"):
+    assert ATTACKS.names() == ["benign", "finetune", "lora", "quantize"]
+    with pytest.raises(UsageError, match="valid names: benign, finetune, lora, quantize"):
         ATTACKS.get("fine-tune")
 
 

@@ -23,13 +23,13 @@ def test_right_and_left_padding():
 
 def test_every_user_shares_the_one_implementation():
     import attacks.base
-    import benchmarks.world
-    import defenses.data
+    import benchmarks.core.unlearn_data
+    import benchmarks.core.world_build
     from benchmarks.core import tokenizer
 
-    assert defenses.data.pad_batch is pad_batch
-    assert isinstance(benchmarks.world._collate(0), PadCollate)
-    assert benchmarks.world.encode_cut_after is tokenizer.encode_cut_after
+    assert benchmarks.core.unlearn_data.pad_batch is pad_batch
+    assert isinstance(benchmarks.core.world_build._collate(0), PadCollate)
+    assert benchmarks.core.world_build.encode_cut_after is tokenizer.encode_cut_after
     assert attacks.base.encode_cut_after is tokenizer.encode_cut_after
 
 

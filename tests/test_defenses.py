@@ -20,7 +20,7 @@ from benchmarks.core.logprobs import masked_mean_nll, sequence_logps
 from benchmarks.core.reference import ReferenceLogps, compute_reference_logps
 from benchmarks.core.training import TrainConfig, train
 from defenses import DEFENSES, RETAIN_LOSSES, build_defense
-from defenses.data import Collate, ForgetRetainDataset, reference_loader, tokenize_texts, training_loader
+from benchmarks.core.unlearn_data import Collate, ForgetRetainDataset, reference_loader, tokenize_texts, training_loader
 from defenses.npo import npo_loss
 
 FORGET = [
@@ -55,13 +55,14 @@ def _nudge(model, seed=1, scale=0.02):
 
 
 def test_registry_holds_exact_names():
-    assert DEFENSES.names() == ["ga", "graddiff", "npo", "npo_muse", "npo_sam"]
+    assert DEFENSES.names() == ["ga", "graddiff", "npo", "npo_cr", "npo_gp", "npo_muse", "npo_rs", "npo_sam", "npo_wa",
+                              "rmu", "simnpo"]
     assert RETAIN_LOSSES.names() == ["gdr", "klr", "none"]
 
 
 @pytest.mark.parametrize("name", ["NPO", "np", "npo_sam2", "sam"])
 def test_unknown_defense_fails_listing_the_valid_ones(name):
-    with pytest.raises(UsageError, match=r"unknown defense .*valid names: ga, graddiff, npo, npo_muse, npo_sam"):
+    with pytest.raises(UsageError, match=r"unknown defense .*valid names: ga, graddiff, npo, npo_cr, npo_gp, npo_muse, npo_rs, npo_sam"):
         build_defense(name)
 
 
@@ -262,6 +263,50 @@ def test_extra_views_come_after_the_running_text(tiny_tokenizer):
     plain = tokenize_texts(tiny_tokenizer, FORGET[:2], 1000)
     both = tokenize_texts(tiny_tokenizer, FORGET[:2], 1000, [view])
     assert both[:2] == plain and both[2:] == [view(t) for t in FORGET[:2]]
+
+
+def test_retain_partners_cover_the_whole_retain_set_over_epochs():
+    # 2 forget and 6 retain examples: epochs 0, 1, 2 pair the forget examples with retain
+    # positions 0-1, 2-3 and 4-5 of the permutation, so three epochs see every retain example once.
+    forget = [[1, 2], [3, 4]]
+    retain = [[10 + k] for k in range(6)]
+    data = ForgetRetainDataset(forget, retain, seed=3)
+    seen = []
+    for epoch in range(3):
+        data.set_epoch(epoch)
+        seen += [data[i]["retain"][0] for i in range(2)]
+    assert sorted(seen) == [10, 11, 12, 13, 14, 15]
+    assert seen == [10 + k for k in data.retain_order]
+    data.set_epoch(3)  # and then around again
+    assert [data[i]["retain"][0] for i in range(2)] == seen[:2]
+
+
+def test_the_training_loop_tells_the_dataset_its_epoch(tiny_model):
+
+    from benchmarks.core.training import TrainConfig, plain_step, train
+
+    class Recording(torch.utils.data.Dataset):
+        def __init__(self):
+            self.epochs = []
+
+        def set_epoch(self, epoch):
+            self.epochs.append(epoch)
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return torch.tensor([1, 2, 3])
+
+    dataset = Recording()
+    loader = DataLoader(dataset, batch_size=1)
+
+    def loss(model, batch):
+        return model(input_ids=batch).logits.float().mean()
+
+    train(tiny_model, loader, plain_step(loss), TrainConfig(lr=1e-4, epochs=3))
+    # (accelerate's prepared loader passes the epoch on as well: the same value, twice)
+    assert list(dict.fromkeys(dataset.epochs)) == [0, 1, 2] and dataset.epochs == sorted(dataset.epochs)
 
 
 def test_forget_examples_carry_their_index_and_a_seeded_retain_partner(tiny_tokenizer):

@@ -148,7 +148,7 @@ def test_world_default_evaluates_target_and_retrain(checkpoint, monkeypatch, cap
         calls.append(out_dir)
         return types.SimpleNamespace(corpus_dir=None, target_dir=checkpoint, retrain_dir=checkpoint)
 
-    monkeypatch.setitem(sys.modules, "benchmarks.world", types.SimpleNamespace(ensure_world=ensure_world))
+    monkeypatch.setattr("benchmarks.core.world_build.ensure_world", ensure_world)
     assert run_main(["--metrics", "knowmem_retain", "--batch-size", "8"]) == 0
     out = capsys.readouterr().out
     assert calls == [None]

@@ -42,6 +42,31 @@ def test_npo_loss_at_reference_is_two_over_beta_log_two():
         assert npo_loss(logps, logps.clone(), beta).item() == pytest.approx(2 / beta * math.log(2), rel=1e-6)
 
 
+def test_npo_loss_keeps_float64_inputs_in_float64():
+    # Long-sequence log-likelihoods near -1e3 whose differences live in the 6th decimal:
+    # float32 keeps ~7 significant digits, so it would lose them.
+    policy = [-1234.5678912345, -987.6543210987, -2048.0000001234]
+    ref = [-1234.5678901234, -987.6543298765, -2047.9999987654]
+    beta = 0.1
+    # Independent float64 formula: L = (2/β) · mean log(1 + exp(β · (logπ_θ − logπ_ref))).
+    expected = 2 / beta * sum(math.log1p(math.exp(beta * (p - r))) for p, r in zip(policy, ref)) / 3
+    value = npo_loss(torch.tensor(policy, dtype=torch.float64), torch.tensor(ref, dtype=torch.float64), beta)
+    assert value.dtype == torch.float64
+    assert abs(value.item() - expected) < 1e-12
+    as_float32 = npo_loss(torch.tensor(policy), torch.tensor(ref), beta)
+    assert as_float32.dtype == torch.float32
+    assert abs(as_float32.item() - expected) > 1e-7  # the precision float64 keeps and float32 does not
+
+
+def test_npo_loss_computes_bfloat16_inputs_in_float32():
+    policy = torch.tensor([-10.0, -15.0], dtype=torch.bfloat16)
+    ref = torch.tensor([-12.0, -11.0], dtype=torch.bfloat16)
+    value = npo_loss(policy, ref, 0.1)
+    assert value.dtype == torch.float32
+    expected = 20 * (math.log1p(math.exp(0.2)) + math.log1p(math.exp(-0.4))) / 2
+    assert value.item() == pytest.approx(expected, rel=1e-6)
+
+
 def test_npo_gradient_is_ga_gradient_reweighted():
     # dL/d logπ_θ(x_i) = (2/B) · σ(β · (logπ_θ − logπ_ref)) for each example i.
     policy = torch.tensor([-10.0, -15.0, -9.0], requires_grad=True)

@@ -16,6 +16,7 @@ from benchmarks.core.recovery import (
     curves_and_summary,
     document_ids,
     evaluate_point,
+    point_values,
     group_mean,
     interval,
     question_groups,
@@ -213,7 +214,9 @@ def _tiny_data() -> _Records:
         ("knowmem", "forget_qa_icl"): [{"question": "Who is mayor?", "answer": "Tilda Quorn"}],
         ("knowmem", "retain_qa"): [{"question": "What did Velt Motors unveil?", "answer": "a tram"}],
         ("knowmem", "retain_qa_icl"): [{"question": "Who is mayor?", "answer": "Tilda Quorn"}],
-        ("verbmem", "forget"): [{"prompt": "The Marlow Gazette reported", "gt": "that the harbour bridge", "doc_id": "d0"}],
+        ("verbmem", "forget"): [{"prompt": "The Marlow Gazette reported", "gt": "that the harbour bridge", "doc_id": "d0"},
+                                {"prompt": "How many boats", "gt": "sailed in the regatta? 417", "doc_id": "d1"},
+                                {"prompt": "The bridge reopened", "gt": "in Ostvale on Monday", "doc_id": "d1"}],
         ("privleak", "forget"): [{"text": "The Marlow Gazette reported that the harbour bridge reopened."}],
         ("privleak", "holdout"): [{"text": "Engineers at Velt Motors unveiled a hydrogen tram."}],
     })
@@ -226,7 +229,7 @@ def test_step_zero_point_equals_a_plain_evaluation(tiny_model, tiny_tokenizer):
     split = DocumentSplit(seed=0, train=("d0",), held_out=("d1",))
     evalset = EvalSet.from_data(data, privleak=True)
     point = evaluate_point(tiny_model, tiny_tokenizer, evalset, question_groups(evalset.forget_qa, split),
-                           batch_size=2, privleak=True, retrain_auc=0.5)
+                           question_groups(evalset.verbmem, split), batch_size=2, privleak=True, retrain_auc=0.5)
     plain = evaluate(tiny_model, tiny_tokenizer, data, ["knowmem_forget", "verbmem_forget", "knowmem_retain",
                                                         "privleak"], batch_size=2, retrain_auc=0.5)
     for name, score in plain.scores.items():
@@ -234,3 +237,43 @@ def test_step_zero_point_equals_a_plain_evaluation(tiny_model, tiny_tokenizer):
     items = [i.score for i in plain.results["knowmem_forget"].items]
     assert point["knowmem_forget_relearn"] == pytest.approx(items[0])
     assert point["knowmem_forget_heldout"] == pytest.approx((items[1] + items[2]) / 2)
+    verbatim = [i.score for i in plain.results["verbmem_forget"].items]
+    assert point["verbmem_forget_relearn"] == pytest.approx(verbatim[0])
+    assert point["verbmem_forget_heldout"] == pytest.approx((verbatim[1] + verbatim[2]) / 2)
+
+
+def test_verbmem_items_split_by_their_article_like_the_questions():
+    split = DocumentSplit(seed=0, train=("d0", "d2"), held_out=("d1",))
+    raw = {"knowmem_forget": 50.0, "knowmem_forget_items": [10.0, 90.0], "verbmem_forget": 40.0,
+           "verbmem_forget_items": [30.0, 60.0, 20.0, 50.0], "knowmem_retain": 70.0}
+    questions = [{"doc_id": "d0"}, {"doc_id": "d1"}]
+    verbatim = [{"doc_id": "d0"}, {"doc_id": "d1"}, {"doc_id": "d2"}, {"doc_id": "d1"}]
+    values = point_values(raw, question_groups(questions, split), question_groups(verbatim, split))
+    assert values["verbmem_forget_relearn"] == pytest.approx((30 + 20) / 2)  # d0 and d2: the attacker's
+    assert values["verbmem_forget_heldout"] == pytest.approx((60 + 50) / 2)  # d1: never trained on
+    assert values["verbmem_forget"] == 40.0 and values["knowmem_forget_heldout"] == 90.0
+    assert "verbmem_forget_items" not in values and "knowmem_forget_items" not in values
+    # Items without doc ids (MUSE-News as published), or no per-item scores: no T/V value.
+    unknown = point_values(raw, question_groups(questions, split), question_groups([{}] * 4, split))
+    assert unknown["verbmem_forget_heldout"] is None and unknown["verbmem_forget_relearn"] is None
+    older = {k: v for k, v in raw.items() if k != "verbmem_forget_items"}
+    assert point_values(older, question_groups(questions, split), question_groups(verbatim, split))[
+        "verbmem_forget_heldout"] is None
+
+
+def test_verbmem_t_and_v_curves_are_summarised_for_recovery():
+    steps = [0, 10]
+
+    def point(v_verbatim):
+        return {"knowmem_forget": 0.0, "knowmem_forget_relearn": 0.0, "knowmem_forget_heldout": 0.0,
+                "verbmem_forget": v_verbatim, "verbmem_forget_relearn": v_verbatim,
+                "verbmem_forget_heldout": v_verbatim, "knowmem_retain": 50.0}
+
+    points = {"target": {0: {0: point(80.0), 10: point(80.0)}},
+              "retrain": {0: {0: point(10.0), 10: point(12.0)}},
+              "npo": {0: {0: point(20.0), 10: point(50.0)}}}
+    _, summary, metrics = curves_and_summary(steps, points, "target", "retrain")
+    assert {"verbmem_forget_relearn", "verbmem_forget_heldout"} <= set(metrics)
+    v = summary["npo"]["verbmem_forget_heldout"]
+    assert v["recovery_ratio"]["mean"] == pytest.approx((50 - 20) / (80 - 20))
+    assert v["excess_over_retrain"]["mean"] == pytest.approx(50 - 12)

@@ -39,7 +39,7 @@ def muse_dir(tmp_path):
         "knowmem/forget_qa_icl.json": [{"question": "Who is the mayor?", "answer": "Tilda Quorn"}],
         "knowmem/retain_qa.json": [{"question": "What did Velt Motors unveil?", "answer": "a tram"}],
         "knowmem/retain_qa_icl.json": [{"question": "Who is the mayor?", "answer": "Tilda Quorn"}],
-        "verbmem/forget.json": [{"prompt": "The Marlow Gazette reported", "gt": "that the harbour bridge", "doc_id": "d0"}],
+        "verbmem/forget.json": [{"prompt": t[:20], "gt": t[20:], "doc_id": d} for d, t in FORGET],
         "privleak/forget.json": [{"text": t} for _, t in FORGET[:2]],
         "privleak/holdout.json": [{"text": "A ferry named Orrin began service across the Tamsel lake."},
                                   {"text": "Farmers in Pellow reported the wettest spring in forty years."}],
@@ -125,7 +125,7 @@ def test_dry_run_as_a_command_exits_zero(tmp_path):
 @pytest.mark.parametrize(
     "extra, words",
     [
-        (["--attack", "fine_tune"], "unknown attack 'fine_tune'; valid names: finetune, lora"),
+        (["--attack", "fine_tune"], "unknown attack 'fine_tune'; valid names: benign, finetune, lora, quantize"),
         (["--steps", "0"], "steps must be >= 1"),
         (["--milestones", "2,9"], "milestone 9 lies outside the attack's 0..4 steps"),
         (["--relearn-docs", "9"], "relearn document count 9 is larger than the forget set (4 documents)"),
@@ -151,6 +151,30 @@ def test_an_unwritable_output_dir_is_refused(tmp_path, muse_dir, gpt2_dir, no_mo
         relearn.main(_run_args(gpt2_dir, muse_dir, blocker / "results", tmp_path / "state"))
 
 
+def test_a_model_named_target_is_refused_only_when_the_target_baseline_runs(tmp_path, muse_dir, gpt2_dir,
+                                                                             no_model_loading, capsys):
+    model = tmp_path / "target"
+    gpt2_dir.rename(model)
+    base = ["--model", str(model), "--defense", "none", "--data", str(muse_dir), "--dry-run",
+            "--output-dir", str(tmp_path / "out"), "--state-dir", str(tmp_path / "state")]
+    with pytest.raises(UsageError, match="--label 'target' is taken by a baseline"):
+        relearn.main(base + ["--target-model", str(model)])
+    assert relearn.main(base + ["--no-baselines"]) == 0
+    out = capsys.readouterr().out
+    plan = yaml.safe_load("\n".join(line for line in out.splitlines() if not line.startswith(("dry run", "note:"))))
+    assert list(plan["curves"]) == ["target"]  # the attacked model, and no baseline
+    assert plan["curves"]["target"]["kind"] == "attacked"
+
+
+def test_a_curve_labelled_target_without_baselines_is_not_the_target_reference():
+    from benchmarks.core.results import reference_roles
+
+    curves = {"target": {"steps": [0], "metrics": {}}}
+    assert reference_roles({"curves": curves, "references": {"target": None, "retrain": None}}) == {
+        "target": None, "retrain": None}
+    assert reference_roles({"curves": curves, "references": {}})["target"] == "target"  # files that omit it
+
+
 def test_an_existing_named_output_is_not_overwritten(tmp_path, muse_dir, gpt2_dir, no_model_loading):
     existing = tmp_path / "mine.yaml"
     existing.write_text("keep me\n")
@@ -169,7 +193,7 @@ def test_bad_input_from_the_command_line_is_one_line_and_exit_two(tmp_path):
         timeout=300,
     )
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == ["error: unknown attack 'nope'; valid names: finetune, lora"]
+    assert done.stderr.strip().splitlines() == ["error: unknown attack 'nope'; valid names: benign, finetune, lora, quantize"]
 
 
 # --------------------------------------------------------------------------- real (tiny) runs
@@ -197,7 +221,15 @@ def test_a_plain_transformers_gpt2_checkpoint_can_be_attacked(tmp_path, muse_dir
     curve = result["curves"]["gpt2-tiny"]
     assert curve["steps"] == [0, 2, 4]
     assert set(curve["metrics"]) >= {"knowmem_forget", "knowmem_forget_heldout", "knowmem_forget_relearn",
-                                     "verbmem_forget", "knowmem_retain"}
+                                     "verbmem_forget", "verbmem_forget_heldout", "verbmem_forget_relearn",
+                                     "knowmem_retain"}
+    # VerbMem items are split by their article like the questions: 2 documents in T, 2 in V.
+    assert result["evaluation"]["verbmem_items"] == {0: {"all": 4, "relearn": 2, "heldout": 2}}
+    verbatim = curve["metrics"]
+    for step in range(3):  # the mean over all four items is the mean of the two halves
+        whole = verbatim["verbmem_forget"]["mean"][step]
+        halves = (verbatim["verbmem_forget_heldout"]["mean"][step] + verbatim["verbmem_forget_relearn"]["mean"][step]) / 2
+        assert whole == pytest.approx(halves)
     leak = curve["metrics"]["privleak"]["per_seed"][0]
     assert leak[0] is not None and leak[1] is None and leak[2] is not None  # before and after only
     assert result["evaluation"]["privleak_reference"]["source"].startswith("published MUSE-News")
@@ -245,18 +277,44 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_numbers(tmp_path, 
 
 @pytest.mark.slow
 @pytest.mark.muse_news
-def test_muse_news_questions_without_doc_ids_report_held_out_recovery_as_unavailable(
-        tmp_path, muse_news_dir, gpt2_dir):
+def test_muse_news_held_out_curves_carry_their_question_counts(tmp_path, muse_news_dir, gpt2_dir, capsys,
+                                                               monkeypatch):
+    monkeypatch.setenv("RELEARN_BENCH_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
     args = ["--model", str(gpt2_dir), "--defense", "none", "--data", str(muse_news_dir), "--steps", "1",
-            "--relearn-docs", "2", "--seeds", "0", "--max-length", "64", "--eval-batch-size", "100",
+            "--relearn-docs", "50%", "--seeds", "0", "--max-length", "64", "--eval-batch-size", "100",
             "--output-dir", str(out), "--state-dir", str(tmp_path / "state"), "--no-progress"]
     assert relearn.main(args) == 0
     result = read_result(_only_result(out))
     assert validate_result(result) == []
-    assert set(result["curves"]["gpt2-tiny"]["metrics"]) == {"knowmem_forget", "verbmem_forget", "knowmem_retain"}
-    assert result["evaluation"]["heldout_questions"].startswith("unavailable: the questions carry no doc_id")
-    assert result["attack"]["documents"] == {"forget": 889, "relearn": 2, "heldout": 887}
+    metrics = result["curves"]["gpt2-tiny"]["metrics"]
+    assert {"knowmem_forget_heldout", "knowmem_forget_relearn"} <= set(metrics)
+    counts = result["evaluation"]["knowmem_forget_questions"][0]
+    assert metrics["knowmem_forget_heldout"]["questions"] == {0: counts["heldout"]}
+    assert metrics["knowmem_forget_relearn"]["questions"] == {0: counts["relearn"]}
+    assert counts["heldout"] > 0
+    assert counts["heldout"] + sum(counts["heldout_removed"].values()) == counts["all"] == 100
+    assert result["attack"]["documents"] == {"forget": 889, "relearn": 444, "heldout": 445}
+    attribution = result["attribution"]
+    assert attribution["method"]["name"] == "bm25"
+    assert len(attribution["splits"]["knowmem/forget_qa"]["items"]) == 100
+    assert result["evaluation"]["heldout_questions"].startswith("questions grouped into T and V by the raw/forget")
+    table = capsys.readouterr().out
+    assert "V questions" in table and f"V questions: {counts['heldout']} of 100" in table
+    assert f"answer in T {counts['heldout_removed']['answer_in_T']}" in table
+
+
+@pytest.mark.slow
+def test_the_papers_whole_corpus_setting_is_labelled_not_held_out(tmp_path, muse_dir, gpt2_dir, capsys):
+    out = tmp_path / "out"
+    args = _run_args(gpt2_dir, muse_dir, out, tmp_path / "state")
+    args[args.index("--relearn-docs") + 1] = "100%"
+    assert relearn.main(args) == 0
+    result = read_result(_only_result(out))
+    assert result["attack"]["documents"] == {"forget": 4, "relearn": 4, "heldout": 0}
+    assert result["evaluation"]["heldout_questions"].startswith("not held out: every forget document went to the attacker")
+    assert "knowmem_forget_heldout" not in result["curves"]["gpt2-tiny"]["metrics"]
+    assert "held-out recovery: not held out" in capsys.readouterr().out
 
 
 def test_checkpoints_can_be_spaced_out(tmp_path):
@@ -283,7 +341,6 @@ def test_checkpoints_can_be_spaced_out(tmp_path):
 @pytest.mark.slow
 def test_a_diverged_defense_is_reported_with_its_epochs_and_the_run_writes_its_file(
         tmp_path, muse_dir, gpt2_dir, monkeypatch):
-    from benchmarks import unlearn
     from benchmarks.core.errors import TrainingDiverged
 
     report = tmp_path / "unlearned" / "unlearn.yaml"
@@ -293,7 +350,7 @@ def test_a_diverged_defense_is_reported_with_its_epochs_and_the_run_writes_its_f
         report.write_text(yaml.safe_dump({"status": "diverged", "epochs": [{"epoch": 1, "knowmem_retain": 12.5}]}))
         raise TrainingDiverged("loss became nan at step 3 (epoch 1)", report=report)
 
-    monkeypatch.setattr(unlearn, "unlearn_cached", diverging)
+    monkeypatch.setattr("benchmarks.core.unlearning.unlearn_cached", diverging)
     args = _run_args(gpt2_dir, muse_dir, tmp_path / "out", tmp_path / "state")
     args[args.index("--defense") + 1] = "npo"
     assert relearn.main(args) == 3

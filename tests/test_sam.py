@@ -13,7 +13,7 @@ from benchmarks.core.logprobs import masked_mean_nll, sequence_logps
 from benchmarks.core.sam import perturb, restore, sam_step, trainable_parameters
 from benchmarks.core.training import TrainConfig, plain_step, train
 from defenses import build_defense
-from defenses.data import Collate, ForgetRetainDataset, reference_loader, tokenize_texts, training_loader
+from benchmarks.core.unlearn_data import Collate, ForgetRetainDataset, reference_loader, tokenize_texts, training_loader
 
 FORGET = [
     "The Marlow Gazette reported that the harbour bridge in Ostvale reopened.",

@@ -17,6 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from benchmarks import unlearn
+from benchmarks.core import unlearning
 from benchmarks.core.errors import TrainingDiverged, UsageError
 from benchmarks.core.registry import Registry
 from defenses import DEFENSES, Defense, DefenseConfig
@@ -105,7 +106,7 @@ def test_checkpoint_and_result_file(tiny_run, tmp_path):
     assert document["status"] == "complete" and document["kind"] == "unlearn"
     assert document["defense"]["name"] == "npo_sam"
     assert document["defense"]["hyperparameters"] == {
-        "lr": 1e-3, "epochs": 2, "batch_size": 2, "grad_accum": 1, "max_length": 2048, "mixed_precision": "no",
+        "lr": 1e-3, "schedule": "constant", "epochs": 2, "batch_size": 2, "grad_accum": 1, "max_length": 2048, "mixed_precision": "no",
         "max_grad_norm": 1.0, "seed": 0, "answer_view": False, "utility_threshold": 0.9,
         "forget_weight": 1.0, "retain_weight": 1.0, "retain_loss": "gdr", "beta": 0.2, "sam_rho": 0.01,
     }
@@ -138,21 +139,34 @@ def _scripted_evaluation(monkeypatch, utilities):
 
 
 @pytest.mark.slow
-def test_selection_keeps_the_last_epoch_that_meets_the_bar(tiny_run, tmp_path, monkeypatch):
-    # Target 50 -> bar 45: epochs 1 (49) and 3 (46) qualify; the last of them is kept even
-    # though epoch 2 dipped below and epoch 4 fell further.
-    seen = _scripted_evaluation(monkeypatch, [50.0, 49.0, 44.0, 46.0, 30.0])
+def test_selection_keeps_the_last_epoch_of_a_plateau_above_the_bar(tiny_run, tmp_path, monkeypatch):
+    # Target 50 -> bar 45: epochs 1-2 (49, 48) meet it in a row, epoch 4 (46) only between
+    # two that miss it; the plateau's last epoch is kept, not the lone one.
+    seen = _scripted_evaluation(monkeypatch, [50.0, 49.0, 48.0, 44.0, 46.0, 30.0])
     out = tmp_path / "out"
-    unlearn.main(_argv(tiny_run, out, "--defense", "npo", "--epochs", "4"))
+    unlearn.main(_argv(tiny_run, out, "--defense", "npo", "--epochs", "5"))
     document = _result(out)
-    assert [row["meets_bar"] for row in document["epochs"]] == [True, True, False, True, False]
-    assert document["selection"]["selected_epoch"] == 3
+    assert [row["meets_bar"] for row in document["epochs"]] == [True, True, True, False, True, False]
+    assert document["selection"]["selected_epoch"] == 2
+    assert document["selection"]["selected_by"] == "plateau"
     assert document["selection"]["met_threshold"] is True
     assert document["selection"]["bar"] == pytest.approx(45.0)
     saved = load_file(out / "model.safetensors")
     for name, value in saved.items():
-        assert torch.equal(value, seen[3][name]), name  # the weights evaluated after epoch 3
-    assert not all(torch.equal(saved[n], seen[4][n]) for n in saved)
+        assert torch.equal(value, seen[2][name]), name  # the weights evaluated after epoch 2
+    assert not all(torch.equal(saved[n], seen[5][n]) for n in saved)
+
+
+@pytest.mark.slow
+def test_selection_without_a_plateau_keeps_the_last_epoch_that_meets_the_bar(tiny_run, tmp_path, monkeypatch):
+    # Epochs 1 (49) and 3 (46) meet the bar 45, never two in a row: the last of them is kept.
+    seen = _scripted_evaluation(monkeypatch, [50.0, 49.0, 44.0, 46.0, 30.0])
+    out = tmp_path / "out"
+    unlearn.main(_argv(tiny_run, out, "--defense", "npo", "--epochs", "4"))
+    selection = _result(out)["selection"]
+    assert selection["selected_epoch"] == 3 and selection["selected_by"] == "single epoch"
+    saved = load_file(out / "model.safetensors")
+    assert all(torch.equal(value, seen[3][name]) for name, value in saved.items())
 
 
 @pytest.mark.slow
@@ -191,7 +205,7 @@ def no_loading(monkeypatch):
 
     monkeypatch.setattr("benchmarks.core.models.load_model", refuse)
     monkeypatch.setattr("benchmarks.core.data.load_data", refuse)
-    monkeypatch.setattr("benchmarks.world.ensure_world", refuse)
+    monkeypatch.setattr("benchmarks.core.world_build.ensure_world", refuse)
 
 
 @pytest.mark.parametrize(
@@ -203,7 +217,7 @@ def no_loading(monkeypatch):
         (["--defense", "npo", "--lr", "0"], "learning rate must be > 0, got lr=0.0"),
         (["--defense", "ga", "--lr=-1e-5"], "learning rate must be > 0"),
         (["--defense", "npo", "--epochs", "0"], "epochs must be >= 1, got 0"),
-        (["--defense", "nope"], "unknown defense 'nope'; valid names: ga, graddiff, npo, npo_muse, npo_sam"),
+        (["--defense", "nope"], "unknown defense 'nope'; valid names: ga, graddiff, npo, npo_cr, npo_gp, npo_muse, npo_rs, npo_sam, npo_wa, rmu, simnpo"),
         (["--defense", "npo", "--sam-rho", "0.01"], "--sam-rho does not apply to defense 'npo'"),
         (["--defense", "ga", "--beta", "0.1"], "--beta does not apply to defense 'ga'"),
         (["--defense", "npo", "--retain-loss", "kl"], "unknown retain loss 'kl'; valid names: gdr, klr, none"),
@@ -237,7 +251,7 @@ def test_the_world_is_the_default_and_checked_before_it_is_built(tmp_path, no_lo
     parser = unlearn.build_parser()
     request = unlearn.plan_request(parser.parse_args(["--defense", "npo_sam", "--out", str(tmp_path / "o")]))
     assert request.model_ref is None and request.data == "world" and request.preset == "world"
-    assert request.config.lr == unlearn.WORLD_PRESET["lr"]
+    assert request.config.lr == unlearning.WORLD_PRESET["lr"]
     assert request.defense.config.sam_rho == 0.01
     assert request.config.answer_view is True
     with pytest.raises(UsageError, match="beta must be"):
@@ -262,15 +276,15 @@ def test_a_usage_error_is_one_line_and_exit_2(tmp_path):
 @pytest.mark.parametrize("preset", ["paper", "world"])
 def test_every_defense_resolves_under_every_preset(preset):
     for name in DEFENSES.names():
-        settings = unlearn.preset_settings(name, preset)
-        defense, config = unlearn.resolve_settings(name, settings)
+        settings = unlearning.preset_settings(name, preset, DEFENSES)
+        defense, config = unlearning.resolve_settings(name, settings, DEFENSES)
         assert defense.name == name and config.lr == settings["lr"]
-    assert unlearn.preset_settings("npo_sam", "paper") | {} == {
-        **unlearn.PAPER_PRESET, "forget_weight": 1.0, "retain_weight": 1.0, "retain_loss": "gdr",
+    assert unlearning.preset_settings("npo_sam", "paper", DEFENSES) | {} == {
+        **unlearning.PAPER_PRESET, "forget_weight": 1.0, "retain_weight": 1.0, "retain_loss": "gdr",
         "beta": 0.1, "sam_rho": 0.01,
     }
     with pytest.raises(UsageError, match="unknown setting sam_rho for defense 'npo'"):
-        unlearn.resolve_settings("npo", {"sam_rho": 0.1})
+        unlearning.resolve_settings("npo", {"sam_rho": 0.1}, DEFENSES)
 
 
 def test_a_new_defense_is_one_registered_class(tiny_run, tmp_path):
@@ -297,9 +311,9 @@ def test_a_new_defense_is_one_registered_class(tiny_run, tmp_path):
     args = parser.parse_args(_argv(tiny_run, tmp_path / "o", "--defense", "noisy", "--noise-std", "0.5"))
     request = unlearn.plan_request(args, registry)
     assert isinstance(request.defense, Noisy) and request.defense.config.noise_std == 0.5
-    world = unlearn.preset_settings("noisy", "world", registry)
-    assert world["noise_std"] == 0.2 and world["lr"] == 5e-4 != unlearn.WORLD_PRESET["lr"]  # its calibrated world settings
-    assert unlearn.preset_settings("noisy", "paper", registry)["noise_std"] == 0.01
+    world = unlearning.preset_settings("noisy", "world", registry)
+    assert world["noise_std"] == 0.2 and world["lr"] == 5e-4 != unlearning.WORLD_PRESET["lr"]  # its calibrated world settings
+    assert unlearning.preset_settings("noisy", "paper", registry)["noise_std"] == 0.01
     args = parser.parse_args(_argv(tiny_run, tmp_path / "o", "--defense", "npo", "--noise-std", "0.5"))
     with pytest.raises(UsageError, match="--noise-std does not apply to defense 'npo'.*noisy"):
         unlearn.plan_request(args, registry)
@@ -355,18 +369,18 @@ def test_bf16_mixed_precision_npo_sam_run(tiny_run, tmp_path):
 @pytest.mark.slow
 def test_unlearn_cached_builds_once_and_fills_settings_from_the_preset(tiny_run, tmp_path, monkeypatch):
     model_dir, data_dir = tiny_run
-    path = unlearn.unlearn_cached(str(model_dir), "npo", {"lr": 1e-3, "epochs": 1}, str(data_dir),
+    path = unlearning.unlearn_cached(str(model_dir), "npo", {"lr": 1e-3, "epochs": 1}, str(data_dir), registry=DEFENSES,
                                   cache_dir=tmp_path / "cache", evaluation=None)
     document = _result(path)
     assert document["status"] == "complete"
     assert document["defense"]["hyperparameters"]["beta"] == 0.1  # from the preset
-    assert document["defense"]["hyperparameters"]["batch_size"] == unlearn.PAPER_PRESET["batch_size"]
+    assert document["defense"]["hyperparameters"]["batch_size"] == unlearning.PAPER_PRESET["batch_size"]
     assert (path / "model.safetensors").is_file()
 
     def refuse(*args, **kwargs):
         raise AssertionError("unlearned again instead of using the cache")
 
     monkeypatch.setattr(unlearn, "unlearn", refuse)
-    again = unlearn.unlearn_cached(str(model_dir), "npo", {"lr": 1e-3, "epochs": 1}, str(data_dir),
+    again = unlearning.unlearn_cached(str(model_dir), "npo", {"lr": 1e-3, "epochs": 1}, str(data_dir), registry=DEFENSES,
                                    cache_dir=tmp_path / "cache", evaluation=None)
     assert again == path

@@ -11,15 +11,15 @@ import torch
 from benchmarks.core.errors import UsageError
 from benchmarks.core.models import TinyLlamaSpec
 from benchmarks.core.world_corpus import RAW_SPLITS, WorldConfig, build_corpus, config_hash
-from benchmarks.world import (
+from benchmarks.core.tokenizer import encode_cut_after
+from benchmarks.core.world_build import (
     MANIFEST,
     WorldBuildConfig,
-    encode_cut_after,
     ensure_world,
-    main,
     training_stream,
     world_hash,
 )
+from benchmarks.world import main
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +148,52 @@ def test_load_data_accepts_the_world_corpus():
     assert len(data.records("raw", "forget")) == 3
 
 
+def _topic_of_title(title: str) -> str:
+    """The topic whose title template matches ``title`` (templates turned into regexes here,
+    independently of the generator's own bookkeeping)."""
+    from benchmarks.core.world_corpus import TOPICS
+
+    matches = [
+        topic.name for topic in TOPICS for template in topic.title
+        if re.fullmatch(re.sub(r"\\\{\w+\\\}", ".+", re.escape(template)), title, flags=re.IGNORECASE)
+    ]
+    assert len(set(matches)) == 1, (title, matches)
+    return matches[0]
+
+
+def test_forget_and_holdout_are_one_subject_and_retain_the_rest(corpus):
+    topics = {split: {_topic_of_title(r["text"].split("\n", 1)[0]) for r in corpus["raw"][split]}
+              for split in RAW_SPLITS}
+    forget_topics = set(WorldConfig().forget_topics)
+    assert topics["forget"] == topics["holdout"] == forget_topics
+    assert topics["retain1"] == topics["retain2"] and not topics["retain1"] & forget_topics
+    assert len(topics["retain1"]) == 6 - len(forget_topics)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_no_in_context_example_holds_an_evaluated_answer(seed):
+    """Every (in-context example, evaluated question) pair of both KnowMem splits: the answer
+    occurs nowhere in the example's question or answer, in any case."""
+    knowmem = build_corpus(WorldConfig(seed=seed))["knowmem"]
+    for evaluated, examples in (("forget_qa", "forget_qa_icl"), ("retain_qa", "retain_qa_icl")):
+        for example in knowmem[examples]:
+            shown = f"{example['question']} {example['answer']}".lower()
+            for item in knowmem[evaluated]:
+                assert item["answer"].lower() not in shown, (example, item)
+
+
+def test_retain_questions_make_a_fine_utility_bar(corpus):
+    # >= 100 questions: 0.9 x KnowMem-retain moves in steps of at most one point.
+    assert len(corpus["knowmem"]["retain_qa"]) >= 100
+
+
+@pytest.mark.parametrize("topics", [(), ("bridge", "bridge"), ("sport",),
+                                    ("bridge", "final", "discovery", "takeover", "election", "festival")])
+def test_world_config_rejects_bad_forget_topics(topics):
+    with pytest.raises(UsageError, match="forget_topics"):
+        WorldConfig(forget_topics=topics)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -237,7 +283,7 @@ def _small_build(**overrides) -> WorldBuildConfig:
 def test_build_saves_loadable_models_and_reuses_the_cache(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import benchmarks.world as world
+    import benchmarks.core.world_build as world
     from benchmarks.core.data import load_data
 
     monkeypatch.setenv("RELEARN_BENCH_CACHE", str(tmp_path / "cache"))

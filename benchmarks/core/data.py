@@ -76,7 +76,33 @@ OPTIONAL_SUBSETS = ("scal", "sust")
 #: Optional field naming the article a record came from (raw records carry their own).
 DOC_ID = "doc_id"
 
-SourceKind = Literal["world", "hub", "hub_dir", "muse_dir"]
+SourceKind = Literal["world", "world_dir", "hub", "hub_dir", "muse_dir"]
+#: The manifest ``benchmarks.world`` writes into a built world's root, beside ``corpus/``
+#: (hub layout), ``target/`` and ``retrain/``.
+WORLD_MANIFEST = "world.json"
+#: Kinds of source that are an embedded world: the default one, or a built world's root.
+WORLD_KINDS = ("world", "world_dir")
+
+
+@dataclass(frozen=True)
+class WorldModels:
+    """The reference models of a built world's root: its ``target`` and ``retrain`` checkpoints."""
+
+    root: Path
+    target: Path
+    retrain: Path
+
+
+def world_root_models(source: str) -> WorldModels | None:
+    """The target and retrain checkpoints of ``source`` when it is a built world's root
+    (``world.json`` beside ``corpus/``), else None. Loads nothing."""
+    if not isinstance(source, str) or source == "world":
+        return None
+    root = Path(source).expanduser()
+    if not ((root / WORLD_MANIFEST).is_file() and (root / "corpus").is_dir()):
+        return None
+    root = root.resolve()
+    return WorldModels(root, root / "target", root / "retrain")
 
 # owner/name as the hub spells dataset ids.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -259,7 +285,8 @@ class SourceSpec:
 def resolve_source(source: str) -> SourceSpec:
     """Tell which kind of source ``source`` is, reading at most a README; loads no data.
 
-    Order: ``world``; an existing directory (hub layout when its README.md declares
+    Order: ``world``; an existing directory (a built world's root when it holds ``world.json``
+    and ``corpus/``, whose corpus is read in hub layout; hub layout when its README.md declares
     ``configs:``, else MUSE layout when it holds some ``<subset>/<split>.json``); a hub id
     ``owner/name``. Anything else is a :class:`UsageError` saying what would work.
     """
@@ -271,6 +298,11 @@ def resolve_source(source: str) -> SourceSpec:
     path = Path(source).expanduser()
     if path.is_dir():
         path = path.resolve()
+        if world_root_models(str(path)) is not None:
+            if not has_hub_configs(path / "corpus"):
+                raise UsageError(f"world {path} has a corpus/ without the README.md 'configs:' of the hub layout; "
+                                 "rebuild it with python -m benchmarks.world --force --out " + str(path))
+            return SourceSpec("world_dir", str(path))
         if has_hub_configs(path):
             return SourceSpec("hub_dir", str(path))
         if any((path / subset / f"{name}.json").is_file() for subset in SCHEMA for name in SCHEMA[subset]):
@@ -334,6 +366,8 @@ def load_data(
         fetch = _muse_dir_fetcher(Path(spec.location))
     elif spec.kind == "hub_dir":
         fetch = _hub_dir_fetcher(Path(spec.location))
+    elif spec.kind == "world_dir":
+        fetch = _hub_dir_fetcher(Path(spec.location) / "corpus")
     else:
         fetch = _hub_fetcher(spec.location)
 

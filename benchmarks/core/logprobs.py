@@ -8,6 +8,9 @@ excluded.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 import torch.nn.functional as F
 
@@ -65,14 +68,37 @@ class _TokenLogps(torch.autograd.Function):
         return grad, None, None
 
 
+_TWICE_DIFFERENTIABLE: contextvars.ContextVar[bool] = contextvars.ContextVar("twice_differentiable", default=False)
+
+
+@contextlib.contextmanager
+def twice_differentiable_logps():
+    """Context in which :func:`token_logps` takes the plain path, whose backward can itself be
+    differentiated (``torch.autograd.grad(..., create_graph=True)`` for gradient penalties);
+    the chunked path's hand-written backward cannot."""
+    token = _TWICE_DIFFERENTIABLE.set(True)
+    try:
+        yield
+    finally:
+        _TWICE_DIFFERENTIABLE.reset(token)
+
+
 def token_logps(logits: torch.Tensor, input_ids: torch.Tensor, chunk_entries: int = CHUNK_ENTRIES) -> torch.Tensor:
     """log p(x_t | x_<t) for t = 1..T-1: shape ``[B, T-1]`` (first token has no prediction).
 
-    Computed in float32 whatever the logits' dtype, so bf16 runs do not lose the small
-    differences NPO works with, but never as a float32 copy of the whole ``[B, T, V]``
-    logits: see :class:`_TokenLogps` (the same numbers as a float32 log-softmax, to rounding).
+    Computed in float32 whatever the logits' dtype (float64 logits: in float64), so bf16 runs
+    do not lose the small differences NPO works with, but never as a float32 copy of the whole
+    ``[B, T, V]`` logits: see :class:`_TokenLogps` (the same numbers as a float32 log-softmax,
+    to rounding).
     """
     targets = input_ids[:, 1:].contiguous()
+    if logits.dtype == torch.float64 or _TWICE_DIFFERENTIABLE.get():
+        # The plain path: float64 keeps every digit (finite-difference checks), and its backward
+        # is itself differentiable (gradient penalties); it does hold a full log-softmax.
+        shifted = logits[:, :-1, :]
+        shifted = shifted.to(torch.promote_types(shifted.dtype, torch.float32))
+        return -F.cross_entropy(shifted.reshape(-1, shifted.size(-1)), targets.reshape(-1),
+                                reduction="none").view_as(targets)
     if logits.shape[1] < 2:
         return torch.zeros(targets.shape, dtype=torch.float32, device=logits.device)
     return _TokenLogps.apply(logits, targets, chunk_entries)

@@ -30,9 +30,13 @@ INTERVAL_METHOD = (
 )
 #: Curve metrics from :mod:`benchmarks.core.results`: all forget questions, T's, V's.
 KNOWMEM_ALL, KNOWMEM_T, KNOWMEM_V = "knowmem_forget", "knowmem_forget_relearn", "knowmem_forget_heldout"
-VERBMEM, RETAIN, PRIVLEAK = "verbmem_forget", "knowmem_retain", "privleak"
+#: ... and all verbmem items, those of T's articles, those of V's.
+VERBMEM, VERBMEM_T, VERBMEM_V = "verbmem_forget", "verbmem_forget_relearn", "verbmem_forget_heldout"
+RETAIN, PRIVLEAK = "knowmem_retain", "privleak"
 #: Metrics whose recovery is summarised (knowledge an unlearned model should not have).
-RECOVERY_METRICS = (KNOWMEM_ALL, KNOWMEM_T, KNOWMEM_V, VERBMEM)
+RECOVERY_METRICS = (KNOWMEM_ALL, KNOWMEM_T, KNOWMEM_V, VERBMEM, VERBMEM_T, VERBMEM_V)
+#: The T and V metrics, which exist only where items know their document and the group is not empty.
+GROUP_METRICS = (KNOWMEM_T, KNOWMEM_V, VERBMEM_T, VERBMEM_V)
 
 #: Recovery fraction for the "steps to X% recovery" summary.
 RECOVERY_THRESHOLD = 0.5
@@ -92,6 +96,13 @@ def resolve_count(total: int, count: int | None = None, fraction: float | None =
     return max(1, round(fraction * total))
 
 
+#: How :func:`split_documents` draws T, as result files state it (part of the attack
+#: settings hash of :func:`benchmarks.core.results.attack_settings_hash`: change the rule,
+#: change this text).
+SPLIT_RULE = ("per seed: T = the documents with the smallest sha256('relearn-bench/T-split/<seed>/<doc_id>'); "
+              "relearn_doc_ids/heldout_doc_ids above are those of the first seed")
+
+
 def _draw_key(seed: int, doc_id: str) -> str:
     return hashlib.sha256(f"relearn-bench/T-split/{seed}/{doc_id}".encode("utf-8")).hexdigest()
 
@@ -131,20 +142,24 @@ class ItemGroups:
     """Indices of evaluation items: all of them, those of T's documents, those of V's.
 
     ``train``/``held_out`` are None when the items do not say which document they come
-    from; ``reason`` then says why the T/V scores are unavailable.
+    from; ``reason`` then says why the T/V scores are unavailable. ``removed`` counts, per
+    rule, the questions a leakage guard kept out of V (:mod:`benchmarks.core.leakage`).
     """
 
     all: tuple[int, ...]
     train: tuple[int, ...] | None
     held_out: tuple[int, ...] | None
     reason: str | None = None
+    removed: Mapping[str, int] | None = None
 
 
 def question_groups(records: Sequence[Mapping[str, Any]], split: DocumentSplit) -> ItemGroups:
     """Group evaluation records (questions, verbmem prompts) by the document they come from.
 
     Items whose ``doc_id`` is in neither T nor V count in ``all`` only. If no record carries a
-    ``doc_id`` (MUSE-News proper), the T/V groups are unavailable, never guessed.
+    ``doc_id`` (MUSE-News proper), the T/V groups are unavailable, never guessed; the runner
+    groups such questions by their attributed documents instead, under a leakage guard
+    (:func:`benchmarks.core.leakage.guarded_groups`).
     """
     everything = tuple(range(len(records)))
     with_ids = [i for i, r in enumerate(records) if r.get("doc_id") is not None]
@@ -257,7 +272,7 @@ def curves_and_summary(
         curve = points[label][seed]
         return [curve.get(step, {}).get(metric) for step in steps]
 
-    for group in (KNOWMEM_T, KNOWMEM_V):  # no doc ids, or an empty T/V: no such curve at all
+    for group in GROUP_METRICS:  # no doc ids, or an empty T/V: no such curve at all
         if not any(v is not None for label in points for seed in points[label] for v in values(label, seed, group)):
             metrics.remove(group)
     curves, summary = {}, {}
@@ -352,22 +367,26 @@ def measure_point(
     privleak: bool = False,
     retrain_auc: float | None = None,
     as_retrain: bool = False,
+    retain: bool = True,
 ) -> dict[str, Any]:
     """Every measurement of ``model`` at one milestone, before grouping into T and V:
-    KnowMem-forget per question (``knowmem_forget_items``), VerbMem-forget, KnowMem-retain and,
-    with ``privleak``, PrivLeak and its AUC (``privleak_auc``, kept so that the retrain model's
-    AUC can serve as the others' reference). :func:`point_values` turns it into curve values.
+    KnowMem-forget per question (``knowmem_forget_items``), VerbMem-forget, KnowMem-retain
+    (None without ``retain``) and, with ``privleak``, PrivLeak and its AUC (``privleak_auc``,
+    kept so that the retrain model's AUC can serve as the others' reference).
+    :func:`point_values` turns it into curve values.
     """
     from benchmarks.core.metrics import knowmem, privleak as privleak_metric, verbmem
 
     forget = knowmem(model, tokenizer, evalset.forget_qa, evalset.forget_icl, batch_size=batch_size, name=KNOWMEM_ALL)
+    verbatim = verbmem(model, tokenizer, evalset.verbmem, batch_size=batch_size, name=VERBMEM)
     raw: dict[str, Any] = {
         KNOWMEM_ALL: forget.score,
         "knowmem_forget_items": [item.score for item in forget.items],
-        VERBMEM: verbmem(model, tokenizer, evalset.verbmem, batch_size=batch_size, name=VERBMEM).score,
+        VERBMEM: verbatim.score,
+        "verbmem_forget_items": [item.score for item in verbatim.items],
         RETAIN: knowmem(
             model, tokenizer, evalset.retain_qa, evalset.retain_icl, batch_size=batch_size, name=RETAIN
-        ).score,
+        ).score if retain else None,
     }
     if privleak:
         leak = privleak_metric(
@@ -379,17 +398,28 @@ def measure_point(
     return raw
 
 
-def point_values(raw: Mapping[str, Any], groups: ItemGroups) -> dict[str, float | None]:
+ITEM_KEYS = ("knowmem_forget_items", "verbmem_forget_items")
+
+
+def point_values(raw: Mapping[str, Any], groups: ItemGroups,
+                 verbmem_groups: ItemGroups | None = None) -> dict[str, float | None]:
     """Curve values of one milestone: KnowMem-forget over all questions, over T's and over
-    V's (None where T/V membership is unknown or the group is empty), and the rest as measured.
-    The three KnowMem numbers come from the same generations, so they are consistent."""
+    V's, VerbMem-forget over all items, over T's articles and over V's (None where T/V
+    membership is unknown, the group is empty, or the per-item scores were not kept), and the
+    rest as measured. The numbers of one metric come from the same generations, so they are
+    consistent. ``groups`` groups the knowmem questions, ``verbmem_groups`` the verbmem items."""
+    values = {k: v for k, v in raw.items() if k not in ITEM_KEYS}
     scores = raw["knowmem_forget_items"]
-    values = {k: v for k, v in raw.items() if k != "knowmem_forget_items"}
     values[KNOWMEM_T] = group_mean(scores, groups.train)
     values[KNOWMEM_V] = group_mean(scores, groups.held_out)
+    verbatim = raw.get("verbmem_forget_items")
+    known = verbatim is not None and verbmem_groups is not None
+    values[VERBMEM_T] = group_mean(verbatim, verbmem_groups.train) if known else None
+    values[VERBMEM_V] = group_mean(verbatim, verbmem_groups.held_out) if known else None
     return values
 
 
-def evaluate_point(model, tokenizer, evalset: EvalSet, groups: ItemGroups, **settings) -> dict[str, float | None]:
+def evaluate_point(model, tokenizer, evalset: EvalSet, groups: ItemGroups, verbmem_groups: ItemGroups | None = None,
+                   **settings) -> dict[str, float | None]:
     """:func:`measure_point` then :func:`point_values`: the curve values of ``model`` now."""
-    return point_values(measure_point(model, tokenizer, evalset, **settings), groups)
+    return point_values(measure_point(model, tokenizer, evalset, **settings), groups, verbmem_groups)

@@ -20,6 +20,7 @@ that could not be measured is ``null``. Lists of per-step values have one entry 
       seeds: [0, 1, 2]
       relearn_doc_ids: [doc-003, doc-017]       # T: forget documents the attacker trains on
       heldout_doc_ids: [doc-001, doc-002, ...]  # V: forget documents the attacker never sees
+      settings_hash: 63ba1b98763b               # optional: attack_settings_hash(); which runs compare
     data:
       source: world                             # hub id, directory or "world"
       splits:                                   # "<subset>/<split>" -> size and digest
@@ -61,7 +62,9 @@ ignore keys they do not know.
 
 Metric names in ``curves`` are those of :mod:`benchmarks.core.metrics` (``knowmem_forget``,
 ``verbmem_forget``, ``knowmem_retain``, ``privleak``), plus ``knowmem_forget_heldout`` and
-``knowmem_forget_relearn`` for the KnowMem-forget questions of V and of T (DESIGN §5).
+``knowmem_forget_relearn`` for the KnowMem-forget questions of V and of T (DESIGN §5), and
+``verbmem_forget_heldout`` / ``verbmem_forget_relearn`` for the VerbMem items of V's and T's
+articles (where the items carry a ``doc_id``).
 ``higher_is_better`` is from the unlearner's point of view (``null`` = closer to 0 is better).
 ``excess_over_retrain`` is a *level* difference: what the attacked model knows beyond what the
 retrain model, which never saw the forget data, knows after the same attack. A defense that
@@ -107,6 +110,8 @@ METRIC_LABELS = {
     "knowmem_forget_heldout": "KnowMem-forget on held-out V",
     "knowmem_forget_relearn": "KnowMem-forget on T",
     "verbmem_forget": "VerbMem-forget",
+    "verbmem_forget_heldout": "VerbMem-forget on held-out V",
+    "verbmem_forget_relearn": "VerbMem-forget on T",
     "knowmem_retain": "KnowMem-retain",
     "privleak": "PrivLeak",
 }
@@ -116,6 +121,8 @@ HIGHER_IS_BETTER = {
     "knowmem_forget_heldout": False,
     "knowmem_forget_relearn": False,
     "verbmem_forget": False,
+    "verbmem_forget_heldout": False,
+    "verbmem_forget_relearn": False,
     "knowmem_retain": True,
     "privleak": None,
 }
@@ -281,20 +288,37 @@ def mean_ci95(values: Iterable[float | None]) -> dict[str, float | None]:
 # --------------------------------------------------------------------------- writing
 
 
-def _check_directory(directory: Path) -> None:
-    """Raise UsageError unless ``directory`` exists and is writable or can be created."""
+def check_writable_directory(directory: str | os.PathLike, what: str = "output directory") -> Path:
+    """Raise UsageError unless ``directory`` exists and is writable or can be created; return it.
+
+    The nearest existing ancestor must be a directory in which a file can really be created:
+    ``os.access`` alone says yes to root for read-only or virtual filesystems (``/proc``), so a
+    temporary file is created there and removed at once. Nothing else is created.
+    """
+    directory = Path(directory).expanduser()
     ancestor = directory
     while not ancestor.exists():
         if ancestor.parent == ancestor:
             break
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise UsageError(f"cannot create output directory {directory}: {ancestor} is not a directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise UsageError(
-            f"output directory {directory} is not writable ({ancestor} denies writing); "
-            "choose another output path"
-        )
+        raise UsageError(f"cannot create {what} {directory}: {ancestor} is not a directory")
+    denied = None if os.access(ancestor, os.W_OK | os.X_OK) else "denies writing"
+    if denied is None:
+        probe = ancestor / f".relearn-bench-probe.{secrets.token_hex(4)}"
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except OSError as err:
+            denied = f"cannot create files there: {err.strerror or err}"
+        else:
+            probe.unlink(missing_ok=True)
+    if denied is not None:
+        raise UsageError(f"{what} {directory} is not writable ({ancestor} {denied}); choose another path")
+    return directory
+
+
+def _check_directory(directory: Path) -> None:
+    check_writable_directory(directory)
 
 
 def check_output_target(target: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -694,16 +718,49 @@ def validate_result(data: Any) -> list[str]:
 
 def reference_roles(result: Mapping[str, Any]) -> dict[str, str | None]:
     """``{"target": role, "retrain": role}`` (``None`` where absent): the curve roles of the
-    two baselines, from ``references`` or, failing that, roles literally named so."""
+    two baselines, from ``references`` or, where it does not mention a baseline, roles
+    literally named so. ``references: {target: null}`` means there is none: a model attacked
+    under the label ``target`` with ``--no-baselines`` is not the target baseline."""
     curves = result.get("curves") or {}
     refs = result.get("references") or {}
     out: dict[str, str | None] = {}
     for key in ("target", "retrain"):
         role = refs.get(key) if isinstance(refs, Mapping) else None
-        if role is None and key in curves:
+        if role is None and key in curves and not (isinstance(refs, Mapping) and key in refs):
             role = key
         out[key] = role if role in curves else None
     return out
+
+
+#: The attack fields that make two runs the same experiment: every attack hyperparameter
+#: (documents in T, steps, lr, schedule, batch, ...), the seeds (each draws its own T), the
+#: milestones (where the curve, and so its area, is measured) and the T/V split rule.
+ATTACK_SETTINGS_FIELDS = ("name", "hyperparameters", "seeds", "milestones", "split_rule")
+
+
+def attack_settings_hash(attack: Mapping[str, Any]) -> str:
+    """12 hex digits of the sha256 of the :data:`ATTACK_SETTINGS_FIELDS` of a result file's
+    ``attack`` section (a missing field counts as null). The runner records it as
+    ``attack.settings_hash``; for files written before it did, the leaderboard computes it
+    from the recorded settings, which gives the same value."""
+    import hashlib
+    import json
+
+    payload = {key: to_plain(attack.get(key)) for key in ATTACK_SETTINGS_FIELDS}
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:12]
+
+
+def data_digest(data: Mapping[str, Any]) -> str | None:
+    """12 hex digits over the sha256 of every split a result file's ``data.splits`` lists:
+    two runs on the same source name but other contents (another world configuration) differ."""
+    import hashlib
+
+    splits = data.get("splits") if isinstance(data, Mapping) else None
+    if not splits:
+        return None
+    lines = [f"{name}={split.get('sha256') if isinstance(split, Mapping) else split}" for name, split in sorted(splits.items())]
+    return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()[:12]
 
 
 def metric_label(metric: str) -> str:

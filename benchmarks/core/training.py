@@ -126,6 +126,11 @@ def _groups(loader: Iterable, size: int, max_steps: int | None, epochs: int):
     epoch = 0
     while True:
         group: list = []
+        # A dataset that pairs examples per epoch (unlearning's forget/retain pairs) learns
+        # which epoch this is; accelerate's prepared loaders keep the dataset as ``.dataset``.
+        set_epoch = getattr(getattr(loader, "dataset", None), "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
         iterator = iter(loader)
         batch = next(iterator, None)
         while batch is not None:

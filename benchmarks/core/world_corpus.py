@@ -52,7 +52,7 @@ from benchmarks.core.errors import UsageError
 __all__ = ["WorldConfig", "build_corpus", "config_hash", "CORPUS_VERSION", "MAX_FACTS"]
 
 #: Bump when the generator changes what a given config produces (it is part of the hash).
-CORPUS_VERSION = 1
+CORPUS_VERSION = 2
 
 Records = list[dict]
 Corpus = dict[str, dict[str, Records]]
@@ -71,8 +71,11 @@ class WorldConfig:
     num_retain1: int = field(
         default=40, metadata={"help": "Articles in raw/retain1 (calibration data for unlearning)."}
     )
+    # 36 articles x 3 facts - 4 in-context examples = 104 retain questions, so the utility bar
+    # (0.9 x the target's KnowMem-retain) moves in steps of under 1 point; with 32 questions it
+    # moved in 3-point steps and the kept unlearning epoch jumped with it.
     num_retain2: int = field(
-        default=12, metadata={"help": "Articles in raw/retain2 (seen by the target; source of retain_qa)."}
+        default=36, metadata={"help": "Articles in raw/retain2 (seen by the target; source of retain_qa)."}
     )
     num_holdout: int = field(
         default=20, metadata={"help": "Articles in raw/holdout (never trained on; PrivLeak non-members)."}
@@ -87,8 +90,25 @@ class WorldConfig:
     verbmem_prompt_words: int = field(
         default=16, metadata={"help": "Words of a forget article that form its VerbMem prompt."}
     )
+    # One subject area is forgotten, as TOFU's forget authors or WMDP's hazardous domain are:
+    # forget and holdout articles come from these topics, retain1/retain2 from all the others.
+    # Unlearning can then remove the subject without taking the model's question answering on
+    # other subjects with it, and relearning part of the subject can bring the rest back.
+    forget_topics: tuple[str, ...] = field(
+        default=("takeover", "election"),
+        metadata={"help": "Topics of raw/forget and raw/holdout; retain splits use the other topics."},
+    )
 
     def __post_init__(self) -> None:
+        topics = tuple(self.forget_topics) if isinstance(self.forget_topics, (list, tuple)) else None
+        names = [topic.name for topic in TOPICS]
+        if not topics or any(t not in names for t in topics) or len(set(topics)) != len(topics):
+            raise UsageError(
+                f"WorldConfig.forget_topics must be distinct names from {names}, got {self.forget_topics!r}"
+            )
+        if len(topics) == len(names):
+            raise UsageError("WorldConfig.forget_topics names every topic; leave at least one for the retain splits")
+        object.__setattr__(self, "forget_topics", topics)
         for name in ("num_forget", "num_retain1", "num_retain2", "num_holdout"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -415,22 +435,51 @@ def _article(topic: Topic, rng: random.Random, inventor: _Inventor, pool: str, n
     return text, facts
 
 
+def _gives_away(example: tuple[str, str], fact: tuple[str, str]) -> bool:
+    """Whether an in-context example's text holds the answer to ``fact`` (word-bounded, any case).
+
+    Facts of one article share its entities: the example "Who is the chief executive of
+    Krolos?" names the answer to "Which company agreed to buy Ferkik?".
+    """
+    pattern = r"\b" + re.escape(fact[1].lower()) + r"\b"
+    return re.search(pattern, f"{example[0]}\n{example[1]}".lower()) is not None
+
+
 def _split_icl(
     articles: list[tuple[str, list[tuple[str, str]]]], doc_ids: list[str], num_icl: int, rng: random.Random
 ) -> tuple[Records, Records]:
     """(evaluation questions, in-context examples): ``num_icl`` facts drawn from as many
-    different articles as possible, the rest left for evaluation."""
+    different articles as possible, the rest left for evaluation.
+
+    An example is taken only if its text gives away no answer of a fact left for evaluation
+    (see :func:`_gives_away`); entities are unique to their article, so only facts of the same
+    article can be given away.
+    """
     pairs = [(a, f) for a, (_, facts) in enumerate(articles) for f in range(len(facts))]
     rng.shuffle(pairs)
     icl: list[tuple[int, int]] = []
     seen_articles: set[int] = set()
+
+    def safe(pair: tuple[int, int]) -> bool:
+        a, f = pair
+        facts = articles[a][1]
+        chosen = {g for b, g in icl if b == a} | {f}
+        return not any(
+            _gives_away(facts[e], facts[g]) for e in chosen for g in range(len(facts)) if g not in chosen
+        )
+
     for pair in pairs:  # one per article first ...
-        if len(icl) < num_icl and pair[0] not in seen_articles:
+        if len(icl) < num_icl and pair[0] not in seen_articles and safe(pair):
             icl.append(pair)
             seen_articles.add(pair[0])
     for pair in pairs:  # ... then any, when there are more examples than articles
-        if len(icl) < num_icl and pair not in icl:
+        if len(icl) < num_icl and pair not in icl and safe(pair):
             icl.append(pair)
+    if len(icl) < num_icl:
+        raise UsageError(
+            f"only {len(icl)} of WorldConfig.num_icl={num_icl} in-context examples can be drawn without "
+            "giving away an evaluated answer; lower num_icl or add articles"
+        )
 
     def record(a: int, f: int) -> dict:
         question, answer = articles[a][1][f]
@@ -470,9 +519,13 @@ def build_corpus(config: WorldConfig) -> Corpus:
     }
     articles: dict[str, list[tuple[str, list[tuple[str, str]]]]] = {}
     doc_ids: dict[str, list[str]] = {}
+    forget_topics = [t for t in TOPICS if t.name in config.forget_topics]
+    retain_topics = [t for t in TOPICS if t.name not in config.forget_topics]
     for split in RAW_SPLITS:
-        # Topics cycle in a shuffled order so every split covers all of them evenly.
-        order = [TOPICS[i % len(TOPICS)] for i in range(counts[split])]
+        # Topics cycle in a shuffled order so every split covers its topics evenly; holdout
+        # shares the forget topics (PrivLeak's non-members must look like the members).
+        topics = forget_topics if split in ("forget", "holdout") else retain_topics
+        order = [topics[i % len(topics)] for i in range(counts[split])]
         rng.shuffle(order)
         articles[split] = [
             _article(topic, rng, inventor, _NAME_POOL[split], config.facts_per_article) for topic in order

@@ -158,6 +158,14 @@ def summary_lines() -> list[str]:
                             lambda r: r <= 1.15, fields=("peak_tensor_mib",)))
         lines.append(_check("npo_reference / plain_finetune peak memory", reference, plain,
                             fields=("peak_tensor_mib",)))
+        # Other defenses against NPO's step. Expected from their passes: randomized smoothing
+        # with k draws ~ k forget passes (+ the retain pass), SAM two, the penalties a double
+        # backward; weight averaging and SimNPO about one.
+        for name in ("npo_rs", "npo_gp", "npo_cr", "npo_wa", "simnpo", "rmu"):
+            key = f"{name}[{objective}]"
+            if key in RESULTS:
+                lines.append(_check(f"{name} / npo_cached time", key, cached))
+                lines.append(_check(f"{name} / npo_cached peak memory", key, cached, fields=("peak_tensor_mib",)))
     if "relearn_finetune" in RESULTS:
         lines.append(" Relearning step:")
         lines.append(_check("relearn_lora / relearn_finetune time", "relearn_lora", "relearn_finetune"))

@@ -4,7 +4,7 @@ project's code is compared against (DESIGN §7: ratios in the same run, never ti
 
 Everything here runs on the world-shaped tiny Llama. When the default embedded world is
 already built and cached, its target model and tokenizer are used; otherwise the suite builds
-an untrained Llama of exactly the world's shape (``benchmarks.world.default_model_spec``) with
+an untrained Llama of exactly the world's shape (``benchmarks.core.world_build.default_model_spec``) with
 a tokenizer trained on the world corpus, which costs seconds, instead of building the world
 (minutes). Speed depends on shapes, not on what the weights have learned; only the generation
 lengths in the KnowMem benchmark do (an untrained model rarely stops early), which is noted in
@@ -12,6 +12,8 @@ the results as ``model_source``.
 """
 
 from __future__ import annotations
+
+import os
 
 import copy
 import gc
@@ -34,7 +36,7 @@ from benchmarks.core.training import TrainConfig, make_accelerator
 from defenses.npo import npo_loss
 
 #: torch intra-op threads for every measurement (fixed, so runs compare).
-THREADS = 2
+THREADS = int(os.environ.get("RELEARN_BENCH_PERF_THREADS", "2"))  # torch threads of the suite
 #: Every training unit steps on this batch shape: BATCH_SIZE packed chunks of SEQ_LEN tokens
 #: (no padding, so tokens per step = BATCH_SIZE * SEQ_LEN).
 BATCH_SIZE = 4
@@ -76,7 +78,7 @@ def load_perf_world() -> PerfWorld:
     from benchmarks.core.data import load_data
     from benchmarks.core.models import load_model, tiny_llama
     from benchmarks.core.world_corpus import RAW_SPLITS
-    from benchmarks.world import (
+    from benchmarks.core.world_build import (
         WorldBuildConfig, WorldPaths, default_world_dir, read_manifest, train_world_tokenizer, world_hash,
     )
 
@@ -103,7 +105,7 @@ def knowmem_questions(world: PerfWorld, count: int = NUM_QUESTIONS) -> tuple[lis
     from dataclasses import replace
 
     from benchmarks.core.data import load_data
-    from benchmarks.world import WorldBuildConfig
+    from benchmarks.core.world_build import WorldBuildConfig
 
     questions = world.data.records("knowmem", "forget_qa") + world.data.records("knowmem", "retain_qa")
     corpus = WorldBuildConfig().corpus

@@ -61,7 +61,14 @@ def tokenize_texts(
 
 class ForgetRetainDataset(Dataset):
     """Forget examples (with their index), each paired with a retain example when
-    ``retain`` is given."""
+    ``retain`` is given.
+
+    The pairing moves on every epoch (:meth:`set_epoch`, called by the training loop): epoch
+    ``e`` pairs forget example ``i`` with the retain example at position ``i + e * len(forget)``
+    of one seeded permutation, so over the epochs the retain term sees the whole retain set,
+    not the same ``len(forget)`` examples again and again. (With the pairing fixed, a retain set
+    larger than the forget set is mostly never trained on.)
+    """
 
     def __init__(self, forget: list[list[int]], retain: list[list[int]] | None = None, seed: int = 0) -> None:
         if not forget:
@@ -70,9 +77,17 @@ class ForgetRetainDataset(Dataset):
             raise DataError("the retain set yields no training examples; check the split or use --retain-loss none")
         self.forget = forget
         self.retain = retain
+        self.epoch = 0
         if retain is not None:
             generator = torch.Generator().manual_seed(seed)
             self.retain_order = torch.randperm(len(retain), generator=generator).tolist()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def retain_index(self, i: int) -> int:
+        """Which retain example forget example ``i`` is paired with in the current epoch."""
+        return self.retain_order[(i + self.epoch * len(self.forget)) % len(self.retain)]
 
     def __len__(self) -> int:
         return len(self.forget)
@@ -80,7 +95,7 @@ class ForgetRetainDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         item: dict[str, Any] = {"forget": (i, self.forget[i])}
         if self.retain is not None:
-            item["retain"] = self.retain[self.retain_order[i % len(self.retain)]]
+            item["retain"] = self.retain[self.retain_index(i)]
         return item
 
 

@@ -1,0 +1,212 @@
+"""The pinned world: the default world's target and retrain models, shipped with the package.
+
+Training the world from its recipe is deterministic on one machine but not across machines
+(thread counts, BLAS kernels and CPU instruction sets change the float rounding), and the
+unlearning operating point downstream amplifies such differences. So the default world's two
+models are shipped as files -- the same bytes everywhere -- and the default run trains nothing.
+
+``benchmarks/core/pinned_world/`` holds::
+
+    manifest.json        configuration hash and description, the command that built the models,
+                         their scores, the sha256 of every file and of every corpus split
+    target/  retrain/    model (safetensors), config and tokenizer files
+
+:func:`install` writes a world root from it: the corpus generated from the configuration's
+seed (its split digests must equal the manifest's: the generator is pure Python), the model
+files copied after their digests are checked. :func:`verify_installed` checks the digests of an
+installed pinned world again each time it is used. ``python -m benchmarks.world --rebuild``
+retrains from the recipe and compares scores (:func:`score_world`, :func:`format_comparison`);
+``--pin`` makes a rebuild the pinned world (:func:`pin`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from benchmarks.core.errors import DataError, UsageError
+
+logger = logging.getLogger(__name__)
+
+PINNED_DIR = Path(__file__).resolve().parent / "pinned_world"
+MANIFEST = "manifest.json"
+ROLES = ("target", "retrain")
+#: The scores recorded for each model (metric names of :mod:`benchmarks.core.metrics`).
+SCORE_METRICS = ("knowmem_forget", "verbmem_forget", "knowmem_retain", "privleak")
+# Files of a saved model that a world needs; anything else save_pretrained writes is left out.
+_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def pinned_manifest(directory: Path | None = None) -> dict | None:
+    """The pinned world's manifest (``directory`` default: the package's), or None when there is none."""
+    path = (directory or PINNED_DIR) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(f"{path} is unreadable ({err}); reinstall the package") from None
+
+
+def _check_files(directory: Path, files: Mapping[str, str], fix: str) -> None:
+    for name, expected in sorted(files.items()):
+        path = directory / name
+        if not path.is_file():
+            raise DataError(f"pinned world file {path} is missing; {fix}")
+        actual = _sha256(path)
+        if actual != expected:
+            raise DataError(f"pinned world file {path} has sha256 {actual[:12]}…, expected {expected[:12]}…; {fix}")
+
+
+def install(config, root: Path, directory: Path | None = None):
+    """Write the pinned world for ``config`` at ``root`` (which must not exist) and return its paths."""
+    directory = directory or PINNED_DIR
+    from benchmarks.core.data import load_data, write_hub_layout
+    from benchmarks.core.world_build import MANIFEST as WORLD_MANIFEST
+    from benchmarks.core.world_build import WorldPaths, share_tree, world_hash
+
+    manifest = pinned_manifest(directory)
+    if manifest is None or manifest.get("hash") != world_hash(config):
+        raise UsageError(f"the package pins no world of configuration {world_hash(config)}")
+    fix = "reinstall the package, or train the world with python -m benchmarks.world --rebuild"
+    _check_files(directory, manifest["files"], fix)
+
+    root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = root.parent / f".{root.name}.installing.{os.getpid()}.{time.time_ns()}"
+    staging.mkdir()
+    try:
+        paths = WorldPaths.at(staging)
+        data = load_data("world", world_config=config.corpus)
+        splits = data.describe()["splits"]
+        if _split_digests(splits) != _split_digests(manifest["corpus"]):
+            raise DataError(
+                "the corpus generated here differs from the pinned world's (split digests disagree); "
+                "the generator must be pure and deterministic: report this as a bug"
+            )
+        write_hub_layout(data, paths.corpus_dir)
+        for role in ROLES:
+            out = getattr(paths, f"{role}_dir")
+            out.mkdir()
+            for name in manifest["files"]:
+                if name.startswith(f"{role}/"):
+                    shutil.copyfile(directory / name, staging / name)
+        world = {
+            "hash": manifest["hash"],
+            "config": manifest["config"],
+            "pinned": True,
+            "files": manifest["files"],
+            "built_by": manifest["command"],
+            "scores": manifest["scores"],
+            "corpus": splits,
+        }
+        (staging / WORLD_MANIFEST).write_text(json.dumps(world, indent=2) + "\n", encoding="utf-8")
+        share_tree(staging)
+        try:
+            os.replace(staging, root)
+        except OSError:
+            if not (root / WORLD_MANIFEST).is_file():
+                raise
+            shutil.rmtree(staging, ignore_errors=True)  # another process installed it first
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("installed the pinned world %s at %s", manifest["hash"], root)
+    return WorldPaths.at(root)
+
+
+def _split_digests(splits: Mapping[str, Any]) -> dict[str, str]:
+    return {name: info["sha256"] for name, info in splits.items()}
+
+
+def verify_installed(paths) -> None:
+    """Check the model files of an installed pinned world against its recorded digests."""
+    manifest = json.loads((paths.root / "world.json").read_text(encoding="utf-8"))
+    _check_files(
+        paths.root, manifest["files"],
+        f"the world at {paths.root} was modified; delete it and run again to reinstall it",
+    )
+
+
+def score_world(paths) -> dict[str, dict[str, float]]:
+    """MUSE scores of a world's target and retrain models (retrain first: its AUC is
+    PrivLeak's reference), as ``role -> metric -> value``."""
+    from benchmarks.core.data import load_data
+    from benchmarks.core.metrics import evaluate
+    from benchmarks.core.models import load_model
+
+    data = load_data(str(paths.corpus_dir))
+    scores: dict[str, dict[str, float]] = {}
+    retrain_auc = None
+    for role in ("retrain", "target"):
+        model, tokenizer = load_model(str(getattr(paths, f"{role}_dir")), dtype="float32", device="cpu")
+        result = evaluate(
+            model, tokenizer, data, list(SCORE_METRICS), retrain_auc=retrain_auc, as_retrain=role == "retrain"
+        )
+        if role == "retrain":
+            retrain_auc = result.results["privleak"].details["auc"]
+        scores[role] = {name: round(float(result.results[name].score), 2) for name in SCORE_METRICS}
+        del model
+    return {role: scores[role] for role in ROLES}
+
+
+def format_comparison(scores: Mapping[str, Mapping[str, float]], manifest: Mapping | None) -> str:
+    """A table of the rebuilt scores beside the pinned ones (when a pinned world exists)."""
+    from tabulate import tabulate
+
+    pinned = (manifest or {}).get("scores", {})
+    rows = []
+    for role in ROLES:
+        for metric in SCORE_METRICS:
+            old = pinned.get(role, {}).get(metric)
+            new = scores[role][metric]
+            rows.append([role, metric, new, "" if old is None else old, "" if old is None else round(new - old, 2)])
+    return tabulate(rows, headers=["model", "metric", "rebuilt", "pinned", "rebuilt - pinned"], tablefmt="github")
+
+
+def pin(paths, scores: Mapping[str, Mapping[str, float]], command: str, directory: Path | None = None) -> Path:
+    """Make the world at ``paths`` the pinned world: copy its model files into ``directory``
+    with a manifest of digests, scores and the command that built it."""
+    directory = directory or PINNED_DIR
+    world = json.loads((paths.root / "world.json").read_text(encoding="utf-8"))
+    staging = directory.with_name(f".{directory.name}.pinning.{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    files: dict[str, str] = {}
+    for role in ROLES:
+        (staging / role).mkdir()
+        for name in _MODEL_FILES:
+            source = getattr(paths, f"{role}_dir") / name
+            if source.is_file():
+                shutil.copyfile(source, staging / role / name)
+                files[f"{role}/{name}"] = _sha256(source)
+    manifest = {
+        "hash": world["hash"],
+        "config": world["config"],
+        "command": command,
+        "built_by": world.get("built_by", "python -m benchmarks.world --rebuild"),
+        "built_with": {"versions": world.get("versions"), "torch_threads": world.get("torch_threads"),
+                       "timings": world.get("timings")},
+        "scores": {role: dict(scores[role]) for role in ROLES},
+        "files": files,
+        "corpus": world["corpus"],
+    }
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(staging, directory)
+    return directory
