@@ -213,9 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             # A process of its own, as a user runs it (entry points never import one another);
             # the wall clock includes its start-up and imports.
             code = subprocess.run([sys.executable, "-m", "benchmarks.relearn", *runner_argv]).returncode
+            wall = time.perf_counter() - began
         if code != 0:
             return code  # the runner has said why
-            wall = time.perf_counter() - began
         result_path = find_result(out_dir, explicit_output, started_at)
         if result_path is None:
             print(f"error: the run wrote no result file under {out_dir}; nothing to profile", file=sys.stderr)

@@ -62,20 +62,18 @@ PAPER_PRESET = {
     "eval_batch_size": 16,
 }
 
-#: The embedded world: full fine-tuning at lr 3e-4 for 30 steps takes the world's NPO model from
-#: KnowMem-forget 54.5 to 72.5 (mean of seeds 0-2; T's questions from 57 to 86) while the retrain
-#: model, which never saw the facts, stays at 0 and KnowMem-retain holds within a few points
-#: (results/world/world-target/). LoRA (rank 8 on q/v of a 128-wide model) gets lr 3e-3, ten
-#: times as high, and still moves less: `--attack lora --seeds 0` takes the NPO model from 54.5
-#: to 62.5, where full fine-tuning with seed 0 reaches 71.4.
-#: The documents are also shown in the world's answer view (as its models were trained), and
-#: the whole default command stays within minutes on two CPU cores. Half the forget articles
-#: go to the attacker (T), half are held out (V).
+#: The embedded world: full fine-tuning for 30 steps on half the forget articles (T). At lr 1e-3
+#: the world's NPO model goes from KnowMem-forget 6.1 to 49.6 on the held-out articles V (mean of
+#: seeds 0-2, recovery ratio 0.47 +- 0.43) while the retrain model, which never saw the facts,
+#: stays at 0 and the target keeps 94 on V; at lr 3e-4 the recovery was 0.37 +- 0.50, an interval
+#: that includes 0 (README, "Measured on the embedded world"). LoRA (rank 8 on q/v) gets its own
+#: learning rate. The documents are also shown in the world's answer view (as its models were
+#: trained), and the whole default command stays within minutes on two CPU cores.
 WORLD_PRESET = {
     "attack": {
         "relearn_fraction": 0.5,
         "steps": 30,
-        "lr": 3e-4,
+        "lr": 1e-3,
         "schedule": "cosine",
         "batch_size": 4,
         "micro_batch_size": 4,
