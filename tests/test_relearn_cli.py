@@ -362,3 +362,15 @@ def test_a_diverged_defense_is_reported_with_its_epochs_and_the_run_writes_its_f
     assert record["epochs"] == [{"epoch": 1, "knowmem_retain": 12.5}]
     assert result["defense"]["name"] == "npo"
     assert list(result["curves"]) == ["target"]  # the target was still attacked
+
+
+@pytest.mark.slow
+def test_profile_times_a_run_of_its_own(tmp_path, muse_dir, gpt2_dir, capsys, monkeypatch):
+    from benchmarks import profile
+
+    monkeypatch.setenv("RELEARN_BENCH_CACHE", str(tmp_path / "cache"))
+    args = [a for a in _run_args(gpt2_dir, muse_dir, tmp_path / "out", tmp_path / "state")]
+    assert profile.main(args) == 0
+    out = capsys.readouterr().out
+    assert "total (wall clock)" in out and "attacks" in out and "evaluation" in out
+    assert len(list((tmp_path / "out").glob("*.yaml"))) == 1  # the runner's own file, where it was asked
