@@ -129,7 +129,7 @@ REBUILD_TOLERANCE = 5.0
 @pytest.mark.slow
 @pytest.mark.skipif(
     __import__("os").environ.get("RELEARN_BENCH_REBUILD_TEST") != "1",
-    reason="retrains the default world from its recipe (minutes); set RELEARN_BENCH_REBUILD_TEST=1 to run it",
+    reason="retrains the default world from its recipe (minutes); set RELEARN_BENCH_REBUILD_TEST=1 (CI does)",
 )
 def test_a_rebuild_reaches_the_pinned_operating_point(tmp_path):
     manifest = pinned_world.pinned_manifest()
