@@ -122,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # ---- validate everything before a model is loaded
     from benchmarks.core.data import load_data, resolve_source
     from benchmarks.core.metrics import DEFAULT_METRICS, parse_metric_names, required_splits
-    from benchmarks.core.results import check_output_target
+    from benchmarks.core.results import check_yaml_target
 
     metric_names = parse_metric_names(args.metrics if args.metrics is not None else DEFAULT_METRICS)
     if args.batch_size < 1:
@@ -130,9 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     resolve_source(args.data)
     plan = plan_models(args)
     if args.output is not None:
-        output = check_output_target(args.output, overwrite=args.overwrite)
-        if output.suffix not in (".yaml", ".yml"):
-            raise UsageError(f"--output {args.output!r} should be a .yaml file")
+        check_yaml_target(args.output, "--output", overwrite=args.overwrite)
     if args.log_samples and args.output is None:
         raise UsageError("--log-samples needs --output (the items go into the YAML file)")
 

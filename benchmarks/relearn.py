@@ -412,7 +412,7 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
     """Check every argument and fix the run; raises :class:`UsageError` before any loading."""
     from attacks import attack_class
     from benchmarks.core.models import check_model_ref
-    from benchmarks.core.results import check_output_target, command_line
+    from benchmarks.core.results import check_output_target, check_yaml_target, command_line
 
     notes: list[str] = []
     data_kind = _resolve_data(args.data, args.dry_run, notes)
@@ -567,9 +567,7 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
 
     # ---- where files go
     if args.output is not None:
-        output_file = check_output_target(args.output, overwrite=args.overwrite)
-        if output_file.suffix not in (".yaml", ".yml"):
-            raise UsageError(f"--output {args.output!r} should name a .yaml file")
+        output_file = check_yaml_target(args.output, "--output", overwrite=args.overwrite)
         if args.output_dir is not None:
             raise UsageError("give --output or --output-dir, not both")
         check_output_target(output_file.with_suffix(".png"), overwrite=args.overwrite)

@@ -188,7 +188,7 @@ def plan_request(args: argparse.Namespace, registry=None) -> Request:
     """Check every argument and settle every setting; raises UsageError, loads nothing."""
     from benchmarks.core.data import resolve_source, world_root_models
     from benchmarks.core.models import check_model_ref
-    from benchmarks.core.results import check_output_target
+    from benchmarks.core.results import check_output_target, check_yaml_target
     from defenses import DEFENSES
 
     registry = registry if registry is not None else DEFENSES
@@ -236,9 +236,7 @@ def plan_request(args: argparse.Namespace, registry=None) -> Request:
     check_output_target(out)
     report = None
     if args.report is not None:
-        report = check_output_target(args.report, overwrite=args.overwrite)
-        if report.suffix not in (".yaml", ".yml"):
-            raise UsageError(f"--report {args.report!r} should be a .yaml file")
+        report = check_yaml_target(args.report, "--report", overwrite=args.overwrite)
     retrain_ref = check_model_ref(args.retrain) if args.retrain is not None else None
     if retrain_ref is None and world is not None and not args.no_eval:
         retrain_ref = check_model_ref(str(world.retrain))  # the world's own reference row

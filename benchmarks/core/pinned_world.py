@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -77,7 +76,7 @@ def install(config, root: Path, directory: Path | None = None):
     directory = directory or PINNED_DIR
     from benchmarks.core.data import load_data, write_hub_layout
     from benchmarks.core.world_build import MANIFEST as WORLD_MANIFEST
-    from benchmarks.core.world_build import WorldPaths, share_tree, world_hash
+    from benchmarks.core.world_build import WorldPaths, staged_world, world_hash
 
     manifest = pinned_manifest(directory)
     if manifest is None or manifest.get("hash") != world_hash(config):
@@ -86,10 +85,7 @@ def install(config, root: Path, directory: Path | None = None):
     _check_files(directory, manifest["files"], fix)
 
     root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = root.parent / f".{root.name}.installing.{os.getpid()}.{time.time_ns()}"
-    staging.mkdir()
-    try:
+    with staged_world(root, "installing") as staging:
         paths = WorldPaths.at(staging)
         data = load_data("world", world_config=config.corpus)
         splits = data.describe()["splits"]
@@ -110,21 +106,12 @@ def install(config, root: Path, directory: Path | None = None):
             "config": manifest["config"],
             "pinned": True,
             "files": manifest["files"],
-            "built_by": manifest["command"],
+            "built_by": manifest.get("built_by"),
+            "pinned_by": manifest["command"],
             "scores": manifest["scores"],
             "corpus": splits,
         }
         (staging / WORLD_MANIFEST).write_text(json.dumps(world, indent=2) + "\n", encoding="utf-8")
-        share_tree(staging)
-        try:
-            os.replace(staging, root)
-        except OSError:
-            if not (root / WORLD_MANIFEST).is_file():
-                raise
-            shutil.rmtree(staging, ignore_errors=True)  # another process installed it first
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     logger.info("installed the pinned world %s at %s", manifest["hash"], root)
     return WorldPaths.at(root)
 

@@ -339,6 +339,14 @@ def check_output_target(target: str | os.PathLike, overwrite: bool = False) -> P
     return path
 
 
+def check_yaml_target(target: str | os.PathLike, flag: str, overwrite: bool = False) -> Path:
+    """:func:`check_output_target` for a result file named by ``flag``: it must also end in .yaml/.yml."""
+    path = check_output_target(target, overwrite=overwrite)
+    if path.suffix not in (".yaml", ".yml"):
+        raise UsageError(f"{flag} {str(target)!r} should name a .yaml file")
+    return path
+
+
 def atomic_write(
     path: str | os.PathLike,
     write: Callable[[IO], None],

@@ -94,7 +94,7 @@ def load_tofu_source(source: str, forget_split: str, cache_dir: str | None = Non
 def run_evaluate(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     """``python -m benchmarks.evaluate --data tofu|tofu-world|DIR``: the TOFU table."""
     from benchmarks.core.models import check_model_ref
-    from benchmarks.core.results import check_output_target
+    from benchmarks.core.results import check_yaml_target
     from benchmarks.core.tofu_data import resolve_tofu_source
     from benchmarks.core.tofu_eval import ROUGE_MAX_NEW_TOKENS, TofuEvalSettings
 
@@ -124,9 +124,7 @@ def run_evaluate(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
             raise UsageError("give --retrain-model or --retrain-result, not both")
         retrain_ratios = read_retrain_truth_ratios(args.retrain_result, forget_split)
     if args.output is not None:
-        output = check_output_target(args.output, overwrite=args.overwrite)
-        if output.suffix not in (".yaml", ".yml"):
-            raise UsageError(f"--output {args.output!r} should be a .yaml file")
+        check_yaml_target(args.output, "--output", overwrite=args.overwrite)
     if args.log_samples and args.output is None:
         raise UsageError("--log-samples needs --output (the items go into the YAML file)")
 

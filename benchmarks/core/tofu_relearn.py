@@ -117,7 +117,7 @@ class TofuPlan:
 def make_tofu_plan(args: argparse.Namespace, argv, attack_cls, check_defense: Callable[[str], Any]) -> TofuPlan:
     """Check the arguments of a TOFU relearning run and fix its plan; loads no model."""
     from benchmarks.core.models import check_model_ref
-    from benchmarks.core.results import check_output_target, command_line
+    from benchmarks.core.results import check_output_target, check_yaml_target, command_line
     from benchmarks.core.tofu_cli import prompt_settings
 
     forget_split = check_forget_split(args.forget_split)
@@ -186,9 +186,7 @@ def make_tofu_plan(args: argparse.Namespace, argv, attack_cls, check_defense: Ca
         raise UsageError("the author world's retrain model matches forget10; use --forget-split forget10")
 
     if args.output is not None:
-        output = check_output_target(args.output, overwrite=args.overwrite)
-        if output.suffix not in (".yaml", ".yml"):
-            raise UsageError(f"--output {args.output!r} should name a .yaml file")
+        output = check_yaml_target(args.output, "--output", overwrite=args.overwrite)
     else:
         # A directory, and a file name carrying the run id (known at write time), so a new run
         # never collides with an earlier one.

@@ -48,6 +48,7 @@ is as few tokens as in running text). Both models get the same recipe on their o
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -289,6 +290,29 @@ def share_tree(root: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
+@contextlib.contextmanager
+def staged_world(root: Path, purpose: str):
+    """A directory beside ``root`` to assemble a world in, renamed to ``root`` when the block
+    ends without error (removed otherwise), so an interrupted build never looks complete. If
+    another process completed the same world first, its world is kept and ours dropped."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # A plain mkdir (not mkdtemp, which makes it private) so the world gets the usual permissions.
+    staging = root.parent / f".{root.name}.{purpose}.{os.getpid()}.{time.time_ns()}"
+    staging.mkdir()
+    try:
+        yield staging
+        share_tree(staging)
+        try:
+            os.replace(staging, root)
+        except OSError:
+            if read_manifest(root) is None:
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def build_world(config: WorldBuildConfig, root: Path) -> WorldPaths:
     """Build the world into ``root`` (which must not exist): corpus, tokenizer, both models.
 
@@ -297,11 +321,7 @@ def build_world(config: WorldBuildConfig, root: Path) -> WorldPaths:
     from benchmarks.core.data import load_data, write_hub_layout
 
     root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    # A plain mkdir (not mkdtemp, which makes it private) so the world gets the usual permissions.
-    staging = root.parent / f".{root.name}.building.{os.getpid()}.{time.time_ns()}"
-    staging.mkdir()
-    try:
+    with staged_world(root, "building") as staging:
         started = time.perf_counter()
         paths = WorldPaths.at(staging)
         data = load_data("world", world_config=config.corpus)
@@ -336,17 +356,6 @@ def build_world(config: WorldBuildConfig, root: Path) -> WorldPaths:
             "timings": timings,
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        share_tree(staging)
-        try:
-            os.replace(staging, root)
-        except OSError:
-            # Another build of the same world finished first; keep it, drop ours.
-            if read_manifest(root) is None:
-                raise
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     logger.info("world %s built in %.1f s at %s", world_hash(config), time.perf_counter() - started, root)
     return WorldPaths.at(root)
 
