@@ -619,7 +619,7 @@ def _world_status() -> tuple[str, str]:
     from benchmarks.core.world_build import WorldBuildConfig, default_world_dir, read_manifest
 
     root = default_world_dir(WorldBuildConfig())
-    return str(root), "cached" if read_manifest(root) is not None else "built on first use (minutes)"
+    return str(root), "cached" if read_manifest(root) is not None else "installed from the pinned world on first use (seconds)"
 
 
 def format_plan(plan: Plan) -> str:
@@ -828,7 +828,7 @@ def _prepare_models(plan: Plan, data, timings: dict) -> tuple[dict[str, dict], s
         from benchmarks.core.world_build import ensure_world
 
         with timed(timings, "world"):
-            paths = ensure_world()  # built on first use, then cached
+            paths = ensure_world()  # the pinned world, installed on first use
         world_refs = {"target": str(paths.target_dir), "retrain": str(paths.retrain_dir)}
         for role in plan.roles:
             if role.ref is None and role.kind in world_refs:
