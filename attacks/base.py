@@ -54,7 +54,8 @@ class AttackConfig:
     lr: float = field(default=1e-5, metadata={"help": "AdamW peak learning rate."})
     schedule: str = field(default="cosine", metadata={"help": "Learning-rate schedule: constant, linear or cosine."})
     warmup_steps: int = field(default=0, metadata={"help": "Linear warmup steps."})
-    batch_size: int = field(default=4, metadata={"help": "Chunks per optimizer step."})
+    batch_size: int = field(default=4, metadata={"help": "Chunks per optimizer step and process (under accelerate "
+                                                         "launch the optimizer sees this times the processes)."})
     micro_batch_size: int = field(
         default=4, metadata={"help": "Chunks per forward pass; batch_size / micro_batch_size steps are accumulated."}
     )

@@ -17,6 +17,12 @@ PrivLeak needs the retrain model's AUC: from ``--retrain-model`` when given, fro
 retrain model for ``--data world`` or a built world's directory (``python -m benchmarks.world
 --out DIR``), else the published MUSE-News value 0.4772.
 Every argument is checked before a model is loaded.
+
+Under ``accelerate launch --num_processes N`` (on CPUs ``ACCELERATE_USE_CPU=1 accelerate launch
+--multi_gpu --num_processes N``) every process checks the arguments, the main process alone
+evaluates, prints and writes the one result file (which records the world size), and the others
+wait for it and exit with its status: evaluating one model is not split across processes
+(:mod:`benchmarks.core.processes`).
 """
 
 from __future__ import annotations
@@ -112,16 +118,18 @@ def plan_models(args) -> list[ModelToRun]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    from benchmarks.core.processes import from_main, quiet_other_processes
     from benchmarks.core.tofu_data import is_tofu_source
 
+    quiet_other_processes()
     if is_tofu_source(args.data):
         from benchmarks.core.tofu_cli import run_evaluate
 
-        return run_evaluate(args, argv)
+        return from_main(lambda: run_evaluate(args, argv))  # the main process evaluates
 
     # ---- validate everything before a model is loaded
-    from benchmarks.core.data import load_data, resolve_source
-    from benchmarks.core.metrics import DEFAULT_METRICS, parse_metric_names, required_splits
+    from benchmarks.core.data import resolve_source
+    from benchmarks.core.metrics import DEFAULT_METRICS, parse_metric_names
     from benchmarks.core.results import check_yaml_target
 
     metric_names = parse_metric_names(args.metrics if args.metrics is not None else DEFAULT_METRICS)
@@ -133,6 +141,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_yaml_target(args.output, "--output", overwrite=args.overwrite)
     if args.log_samples and args.output is None:
         raise UsageError("--log-samples needs --output (the items go into the YAML file)")
+    return from_main(lambda: _evaluate(args, argv, metric_names, plan))  # the main process evaluates
+
+
+def _evaluate(args, argv, metric_names: list[str], plan: list[ModelToRun]) -> int:
+    """Load the data (and the world's models), evaluate ``plan`` retrain first, print the table
+    and write ``--output``."""
+    from benchmarks.core.data import load_data
+    from benchmarks.core.metrics import required_splits
 
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -155,12 +171,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
 
     # ---- evaluate, retrain first
-    import torch
-
     from benchmarks.core.metrics import evaluate
     from benchmarks.core.models import load_model
+    from benchmarks.core.precision import process_accelerator
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = process_accelerator().device
     outcomes = {}
     retrain_auc = None
     for entry in plan:
@@ -215,6 +230,7 @@ def build_document(args, argv, data, metric_names, outcomes, device, timings) ->
         MIN_K_FRACTION,
         VERBMEM_MAX_NEW_TOKENS,
     )
+    from benchmarks.core.processes import world_size
     from benchmarks.core.results import command_line, environment_info, new_run_id, utc_now
 
     goal_to_bool = {"lower": False, "higher": True, "closer to 0": None}
@@ -233,6 +249,9 @@ def build_document(args, argv, data, metric_names, outcomes, device, timings) ->
             "verbmem_max_new_tokens": VERBMEM_MAX_NEW_TOKENS,
             "min_k_fraction": MIN_K_FRACTION,
         },
+        # Evaluation is not split: one process ran every batch of batch_size prompts.
+        "processes": {"world_size": world_size(), "evaluated_by": "main process only",
+                      "global_batch_size": args.batch_size},
         "models": {
             role: {
                 "model": {"id": entry.label, "path": entry.ref, "dtype": args.dtype},
@@ -242,7 +261,7 @@ def build_document(args, argv, data, metric_names, outcomes, device, timings) ->
             for role, (entry, result) in outcomes.items()
         },
         "higher_is_better": {n: goal_to_bool[METRICS.get(n).goal] for n in metric_names},
-        "environment": environment_info(device),
+        "environment": environment_info(str(device)),
         "timings": timings,
     }
 

@@ -21,6 +21,14 @@ Examples::
 
 Every argument is checked before a model is loaded. ``--resume`` continues an interrupted run
 from its last completed milestone (the run keeps a small state directory while it runs).
+
+On several GPUs the same command runs under ``accelerate launch --num_processes N -m
+benchmarks.relearn ...`` (on CPUs ``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu
+--num_processes N ...``; accelerate's ``--cpu`` launcher starts one process). Every process
+trains each defense and attack (DDP: ``--batch-size`` chunks per process per step, so the
+optimizer sees N times as many); the main process alone plans the run id and resume state,
+evaluates at the milestones, fills the caches and writes the one result file, its plot and the
+table, which records the world size and the global batch size (:mod:`benchmarks.core.processes`).
 """
 
 from __future__ import annotations
@@ -95,7 +103,8 @@ _ATTACK_FLAGS = {
     "lr": ("lr", float, "peak learning rate"),
     "schedule": ("schedule", str, "learning-rate schedule: constant, linear or cosine"),
     "warmup-steps": ("warmup_steps", int, "linear warmup steps"),
-    "batch-size": ("batch_size", int, "chunks per optimizer step"),
+    "batch-size": ("batch_size", int, "chunks per optimizer step and process (accelerate launch multiplies it "
+                                      "by the processes)"),
     "micro-batch-size": ("micro_batch_size", int, "chunks per forward pass (gradient accumulation)"),
     "max-length": ("max_length", int, "tokens per training chunk"),
     "weight-decay": ("weight_decay", float, "AdamW weight decay"),
@@ -285,6 +294,8 @@ class Plan:
 
     def identity(self) -> dict:
         """What determines the numbers (hashes into the resume key): not where files go."""
+        from benchmarks.core.processes import world_size
+
         return {
             "data": self.data,
             "model_id": self.model_id,
@@ -301,6 +312,8 @@ class Plan:
             "privleak": self.privleak,
             **({"retain_every_milestone": True} if self.retain_every_milestone else {}),
             "privleak_reference": self.privleak_reference,
+            # The optimizer sees --batch-size chunks per process: N processes run another plan.
+            **({"processes": world_size()} if world_size() > 1 else {}),
         }
 
     def key(self) -> str:
@@ -737,18 +750,27 @@ def _memory_estimate(plan: Plan) -> dict | str:
 class RunState:
     """A running run's state directory: run metadata, finished trajectories and the latest
     milestone checkpoint of the trajectory in progress. Every file is written to a temporary
-    name and renamed, so a kill at any moment leaves the last complete version."""
+    name and renamed, so a kill at any moment leaves the last complete version.
+
+    Under ``accelerate launch`` only the main process writes (elsewhere the writing methods do
+    nothing); what the others must know of the state (the run id, whether a trajectory is
+    done) reaches them from the main process (:func:`benchmarks.core.processes.from_main`)."""
 
     def __init__(self, directory: Path, checkpoints: bool, checkpoint_every: int = 0) -> None:
+        from benchmarks.core.processes import is_main
+
         self.directory = directory
         self.checkpoints = checkpoints
         self.checkpoint_every = checkpoint_every  # steps at least between two checkpoints
         self._last_saved: dict[str, int] = {}
+        self.writes = is_main()
 
     def exists(self) -> bool:
         return (self.directory / "run.json").is_file()
 
     def start(self, meta: dict) -> None:
+        if not self.writes:
+            return
         if self.directory.exists():
             shutil.rmtree(self.directory)
         self.directory.mkdir(parents=True)
@@ -758,6 +780,8 @@ class RunState:
         return json.loads((self.directory / "run.json").read_text(encoding="utf-8"))
 
     def update_meta(self, **items) -> None:
+        if not self.writes:
+            return
         meta = self.meta()
         meta.update(items)
         self._write_json("run.json", meta)
@@ -770,6 +794,8 @@ class RunState:
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
     def finish(self, seed: int, label: str, record: dict) -> None:
+        if not self.writes:
+            return
         self._write_json(f"{self._name(seed, label)}.json", record)
         shutil.rmtree(self.directory / f"{self._name(seed, label)}.ckpt", ignore_errors=True)
 
@@ -791,7 +817,7 @@ class RunState:
         from benchmarks.core.checkpoints import format_bytes, save_resume_checkpoint
 
         name, step = self._name(seed, label), payload["loop_state"]["step"]
-        if not self.checkpoints or step - self._last_saved.get(name, 0) < self.checkpoint_every:
+        if not self.writes or not self.checkpoints or step - self._last_saved.get(name, 0) < self.checkpoint_every:
             return
         size = save_resume_checkpoint(self.directory / f"{name}.ckpt", payload["trainable_state"],
                                       payload["loop_state"], {"curve": payload["curve"]})
@@ -799,6 +825,8 @@ class RunState:
         logger.info("%s: checkpoint at step %d (%s)", name, step, format_bytes(size))
 
     def remove(self) -> None:
+        if not self.writes:
+            return
         shutil.rmtree(self.directory, ignore_errors=True)
 
     def _write_json(self, name: str, data: dict) -> None:
@@ -825,10 +853,11 @@ def _prepare_models(plan: Plan, data, timings: dict) -> tuple[dict[str, dict], s
 
     base_ref = plan.model_ref
     if base_ref is None or any(r.ref is None and r.kind in ("target", "retrain") for r in plan.roles):
+        from benchmarks.core.processes import main_first
         from benchmarks.core.world_build import ensure_world
 
         with timed(timings, "world"):
-            paths = ensure_world()  # the pinned world, installed on first use
+            paths = main_first(ensure_world)  # the pinned world, installed on first use (by the main process)
         world_refs = {"target": str(paths.target_dir), "retrain": str(paths.retrain_dir)}
         for role in plan.roles:
             if role.ref is None and role.kind in world_refs:
@@ -924,10 +953,13 @@ def _attack_one(plan: Plan, role: Role, seed: int, texts: list[str], evalset, st
 
     from attacks import attack_class
     from benchmarks.core.models import load_model
+    from benchmarks.core.precision import process_accelerator
+    from benchmarks.core.processes import main_only
     from benchmarks.core.recovery import measure_point
 
     attack = attack_class(plan.attack)(plan.attack_config)
-    loaded, tokenizer = load_model(role.ref_for(seed), dtype=plan.dtype, device=_device())
+    # Each process on its own device (accelerate launch); the main process measures.
+    loaded, tokenizer = load_model(role.ref_for(seed), dtype=plan.dtype, device=process_accelerator().device)
     model = attack.prepare(loaded)
     last = plan.milestones[-1]
     curve: dict[int, dict] = {}
@@ -940,6 +972,7 @@ def _attack_one(plan: Plan, role: Role, seed: int, texts: list[str], evalset, st
         logger.info("%s, seed %d: resuming at step %d", role.label, seed, resume_state["step"])
     eval_seconds = 0.0
 
+    @main_only
     def hook(step: int, attacked) -> None:
         nonlocal eval_seconds
         if step == 0 and zero_point is not None:
@@ -961,6 +994,7 @@ def _attack_one(plan: Plan, role: Role, seed: int, texts: list[str], evalset, st
         logger.info("%s, seed %d, step %d: %s", role.label, seed, step,
                     ", ".join(f"{k} {v:.1f}" for k, v in curve[step].items() if isinstance(v, float)))
 
+    @main_only
     def state_hook(step: int, loop_state: dict) -> None:
         state.save_checkpoint(seed, role.label, {
             "trainable_state": attack.trainable_state(model),
@@ -1000,13 +1034,14 @@ def _reference_auc(plan: Plan, evalset) -> float:
     among the curves (so it is measured here, once, and never attacked)."""
     from benchmarks.core.metrics import privleak
     from benchmarks.core.models import load_model
+    from benchmarks.core.precision import process_accelerator
 
     ref = plan.privleak_reference
     if ref == WORLD:
         from benchmarks.core.world_build import ensure_world
 
         ref = str(ensure_world().retrain_dir)
-    model, tokenizer = load_model(ref, dtype=plan.dtype, device=_device())
+    model, tokenizer = load_model(ref, dtype=plan.dtype, device=process_accelerator().device)
     leak = privleak(model, tokenizer, evalset.privleak_forget, evalset.privleak_holdout,
                     batch_size=plan.eval_batch_size, as_retrain=True)
     logger.info("PrivLeak reference: AUC %.4f of the retrain model %s", leak.details["auc"], ref)
@@ -1019,26 +1054,29 @@ def execute(plan: Plan) -> dict:
     from benchmarks.core.attribution import attribute_data
     from benchmarks.core.leakage import guarded_groups
     from benchmarks.core.recovery import EvalSet, document_ids, question_groups, resolve_count, split_documents
+    from benchmarks.core.processes import from_main, is_main, main_first
     from benchmarks.core.results import new_run_id, timed, utc_now
     from benchmarks.core.world_build import cache_root
 
     timings: dict[str, float] = {}
     began = time.perf_counter()
-    data = load_data(plan.data)
+    data = main_first(lambda: load_data(plan.data))  # a hub data set is downloaded once
     forget = data.records("raw", "forget")
     ids = document_ids(forget)
     text_of = dict(zip(ids, (r["text"] for r in forget)))
     count = resolve_count(len(ids), plan.attack_config.relearn_docs, plan.attack_config.relearn_fraction)
     evalset = EvalSet.from_data(data, privleak=plan.privleak)
     # Which document each question comes from: given by the world, attributed for MUSE-News.
-    attribution = attribute_data(data, cache_dir=cache_root() / "attribution")
+    attribution = main_first(lambda: attribute_data(data, cache_dir=cache_root() / "attribution"))
     timings["data"] = time.perf_counter() - began
 
     state = RunState(plan.state_dir, plan.checkpoints, plan.checkpoint_every)
-    if plan.resume and state.exists() and state.meta().get("plan_key") == plan.key():
-        meta = state.meta()
-        logger.info("resuming run %s from %s", meta["run_id"], plan.state_dir)
-    else:
+
+    def open_state() -> dict:  # the main process's decision, and its run id, hold for all
+        if plan.resume and state.exists() and state.meta().get("plan_key") == plan.key():
+            meta = state.meta()
+            logger.info("resuming run %s from %s", meta["run_id"], plan.state_dir)
+            return meta
         if plan.resume:
             logger.info("no interrupted run of this plan at %s; starting afresh", plan.state_dir)
         elif state.exists():
@@ -1046,6 +1084,9 @@ def execute(plan: Plan) -> dict:
                            plan.state_dir)
         meta = {"run_id": new_run_id(), "created": utc_now(), "plan_key": plan.key()}
         state.start(meta)
+        return meta
+
+    meta = from_main(open_state)
 
     model_records = meta.get("models")
     if model_records is None:
@@ -1065,7 +1106,7 @@ def execute(plan: Plan) -> dict:
     retrain_auc = meta.get("retrain_auc")
     if plan.privleak and plan.privleak_reference is not None and retrain_auc is None:
         with timed(timings, "evaluation"):
-            retrain_auc = _reference_auc(plan, evalset)
+            retrain_auc = from_main(lambda: _reference_auc(plan, evalset))
         state.update_meta(retrain_auc=retrain_auc)
     splits = {seed: split_documents(ids, count, seed) for seed in plan.seeds}
     groups = {seed: guarded_groups(evalset.forget_qa, attribution.get("knowmem/forget_qa"), split, text_of)
@@ -1076,10 +1117,10 @@ def execute(plan: Plan) -> dict:
     from tqdm.auto import tqdm
 
     jobs = [(seed, role) for seed in plan.seeds for role in plan.roles]
-    bar = tqdm(jobs, desc="attacks", disable=not (plan.progress and sys.stderr.isatty()), leave=False)
+    bar = tqdm(jobs, desc="attacks", disable=not (plan.progress and sys.stderr.isatty() and is_main()), leave=False)
     for seed, role in bar:
         bar.set_postfix_str(f"{role.label} seed {seed}")
-        record = state.finished(seed, role.label)
+        record = from_main(lambda: state.finished(seed, role.label))
         if record is None:
             from attacks import attack_class
 
@@ -1088,7 +1129,12 @@ def execute(plan: Plan) -> dict:
                 [text_of[d] for d in splits[seed].train], data, seed)
             record = _attack_one(plan, role, seed, texts, evalset, state, retrain_auc,
                                  zero_points.get(role.ref_for(seed)))
-            state.finish(seed, role.label, record)
+
+            def finish(record=record) -> dict:  # what the main process measured, for every process
+                state.finish(seed, role.label, record)
+                return record
+
+            record = from_main(finish)
         # Counted from the records, so a resumed run reports the time of the whole run.
         timings["attack"] = timings.get("attack", 0.0) + record["attack_seconds"]
         timings["evaluation"] = timings.get("evaluation", 0.0) + record["eval_seconds"]
@@ -1114,7 +1160,8 @@ def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict
     verbmem items (without ``verbmem_groups`` VerbMem has no T/V curves); ``attribution`` (a
     ``DataAttribution``) says which document each question was grouped by."""
     from benchmarks.core.leakage import GUARD_RULE
-    from benchmarks.core.precision import precision_record, processes_record
+    from benchmarks.core.precision import precision_record
+    from benchmarks.core.processes import processes_record
     from benchmarks.core.metrics import (
         KNOWMEM_MAX_NEW_TOKENS,
         MUSE_NEWS_RETRAIN_AUC,
@@ -1200,7 +1247,8 @@ def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict
         "model": {"id": plan.model_id, "revision_or_hash": meta.get("model_hash"), "dtype": plan.dtype},
         "precision": {**precision_record(plan.dtype, plan.attack_config.mixed_precision),
                       "gradient_checkpointing": plan.gradient_checkpointing},
-        "processes": processes_record(plan.attack_config.batch_size, plan.eval_batch_size),
+        "processes": processes_record(plan.attack_config.batch_size, plan.attack_config.micro_batch_size,
+                                      plan.eval_batch_size),
         "defense": defense,
         "attack": {
             "name": plan.attack,
@@ -1327,17 +1375,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if is_tofu_source(args.data):
         from attacks import ATTACKS
+        from benchmarks.core.processes import world_size
         from benchmarks.core.tofu_relearn import run_tofu_relearn
         from defenses import build_defense
 
+        if world_size() > 1:
+            raise UsageError(f"--data {args.data} runs in one process: start it with {PROG}, not accelerate launch")
         return run_tofu_relearn(args, argv, ATTACKS, build_defense)
 
     if args.lr_sweep is not None:
         return _lr_sweep(args, argv)
     plan = make_plan(args, argv)
+    from benchmarks.core.processes import is_main, quiet_other_processes
+
     if args.dry_run:
-        print(format_plan(plan))
+        if is_main():
+            print(format_plan(plan))
         return 0
+    quiet_other_processes()
     if args.threads is not None:
         import torch
 
@@ -1348,24 +1403,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(plan: Plan) -> tuple[int, Path, dict]:
     """Execute ``plan`` and write its files: (exit code, result YAML, result)."""
     from benchmarks.core.plots import plot_recovery
+    from benchmarks.core.processes import from_main, is_main
     from benchmarks.core.results import write_yaml_atomic
 
     try:
-        result = execute(plan)
+        result = execute(plan)  # on every process, which all end with the same result
     except KeyboardInterrupt:
-        print(f"interrupted: run the same command with --resume to continue from the last milestone "
-              f"(state kept in {plan.state_dir})", file=sys.stderr)
+        if is_main():
+            print(f"interrupted: run the same command with --resume to continue from the last milestone "
+                  f"(state kept in {plan.state_dir})", file=sys.stderr)
         raise
-    output_yaml, output_png = plan.output_paths(result["run_id"])
-    write_yaml_atomic(output_yaml, result, overwrite=plan.overwrite)
-    plot_recovery(result, output_png, overwrite=plan.overwrite)
-    RunState(plan.state_dir, plan.checkpoints).remove()
-    print(format_table(result))
-    print(f"wrote {output_yaml}\nwrote {output_png}")
-    if result["status"] != "complete":
-        print(f"warning: run {result['status']}; see trajectories in {output_yaml}", file=sys.stderr)
-        return 3, output_yaml, result
-    return 0, output_yaml, result
+
+    def write() -> Path:  # the one result file, plot and table, by the main process
+        output_yaml, output_png = plan.output_paths(result["run_id"])
+        write_yaml_atomic(output_yaml, result, overwrite=plan.overwrite)
+        plot_recovery(result, output_png, overwrite=plan.overwrite)
+        RunState(plan.state_dir, plan.checkpoints).remove()
+        print(format_table(result))
+        print(f"wrote {output_yaml}\nwrote {output_png}")
+        if result["status"] != "complete":
+            print(f"warning: run {result['status']}; see trajectories in {output_yaml}", file=sys.stderr)
+        return output_yaml
+
+    output_yaml = from_main(write)
+    return (0 if result["status"] == "complete" else 3), output_yaml, result
 
 
 def _lr_sweep(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
@@ -1373,7 +1434,7 @@ def _lr_sweep(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     rate (its own result file), then the sweep file (``benchmarks.core.sweep``)."""
     import copy
 
-    from benchmarks.core.results import command_line, new_run_id, utc_now, write_yaml_atomic
+    from benchmarks.core.results import command_line
     from benchmarks.core.sweep import lr_sweep_summary, parse_grid
 
     grid = parse_grid(args.lr_sweep)
@@ -1389,11 +1450,15 @@ def _lr_sweep(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         one.lr, one.lr_sweep = lr, None
         plans[lr] = make_plan(one, argv)
         plans[lr].retain_every_milestone = True  # the utility cap reads every milestone
+    from benchmarks.core.processes import is_main, quiet_other_processes
+
     if args.dry_run:
         for lr, plan in plans.items():
-            print(f"# --lr {lr}")
-            print(format_plan(plan))
+            if is_main():
+                print(f"# --lr {lr}")
+                print(format_plan(plan))
         return 0
+    quiet_other_processes()
     if args.threads is not None:
         import torch
 
@@ -1409,6 +1474,15 @@ def _lr_sweep(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         files[f"{lr:g}"], results[lr] = str(path), result
     table = lr_sweep_summary(results, args.utility_cap)
     first = next(iter(plans.values()))
+    from benchmarks.core.processes import from_main
+
+    return from_main(lambda: _write_sweep(args, argv, grid, first, files, table, code))
+
+
+def _write_sweep(args, argv, grid, first: Plan, files: dict, table: dict, code: int) -> int:
+    """The sweep file beside the runs' files, and its summary printed (main process)."""
+    from benchmarks.core.results import command_line, new_run_id, utc_now, write_yaml_atomic
+
     run_id = new_run_id()
     document = {
         "schema_version": 1,

@@ -9,7 +9,8 @@ Examples::
     python -m benchmarks.unlearn --model muse-bench/MUSE-news_target --data ../muse-news \\
         --defense npo_sam --mixed-precision bf16 --out ckpt/news-npo-sam
 
-    # several processes or GPUs: the same command under accelerate
+    # several GPUs: the same command under accelerate (on CPUs, ACCELERATE_USE_CPU=1 accelerate
+    # launch --multi_gpu --num_processes 2 ...: accelerate's --cpu launcher starts one process)
     accelerate launch --num_processes 2 -m benchmarks.unlearn --defense npo --out ckpt/npo
 
 The output directory is a standard Hugging Face checkpoint (``save_pretrained``, safetensors,
@@ -23,7 +24,10 @@ NPO+SAM paper's MUSE-News 7B settings (Fan et al., ICML 2025: AdamW, lr 1e-5 con
 target (no ``--model``). Every field of the chosen defense's config is a flag (``beta`` ->
 ``--beta``, ``sam_rho`` -> ``--sam-rho``); a flag that the defense does not take is an error.
 ``--batch-size`` is the number of forget examples per forward pass (per process) and
-``--grad-accum`` the number of such micro-batches per optimizer step.
+``--grad-accum`` the number of such micro-batches per optimizer step. Under ``accelerate
+launch`` every process trains and the main process alone evaluates and writes
+(:mod:`benchmarks.core.processes`); ``unlearn.yaml`` records the processes and the examples
+per optimizer step over all of them.
 
 **Utility-constrained epoch selection**, as MUSE papers do by hand: the model is evaluated
 before unlearning and after every epoch (KnowMem-retain, and KnowMem-forget / VerbMem-forget
@@ -292,11 +296,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from benchmarks.core.data import load_data
     from benchmarks.core.metrics import evaluate
     from benchmarks.core.models import load_model
+    from benchmarks.core.processes import from_main, main_first, quiet_other_processes
     from benchmarks.core.training import make_accelerator
 
     accelerator = make_accelerator(request.config.train_config())
-    if not accelerator.is_main_process:
-        logging.getLogger().setLevel(logging.WARNING)  # one process reports
+    quiet_other_processes()  # one process reports
     timings: dict[str, float] = {}
     model_ref, retrain_ref = request.model_ref, request.retrain_ref
     world_reference = request.evaluation is not None and retrain_ref is None and request.data == WORLD
@@ -304,22 +308,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         from benchmarks.core.world_build import ensure_world
 
         started = time.perf_counter()
-        with accelerator.main_process_first():  # one process builds the world, the others wait
-            paths = ensure_world()
+        paths = main_first(ensure_world)  # one process installs the world, the others wait
         timings["world"] = time.perf_counter() - started
         model_ref = model_ref or str(paths.target_dir)
         if world_reference:
             retrain_ref = str(paths.retrain_dir)
-    data = load_data(request.data, subsets=("raw", "knowmem", "verbmem"))
+    data = main_first(lambda: load_data(request.data, subsets=("raw", "knowmem", "verbmem")))  # hub downloads once
     check_data(data, request.defense, request.evaluation)
 
     references: dict[str, dict[str, float]] = {}
     if retrain_ref is not None and request.evaluation is not None:
         started = time.perf_counter()
-        retrain, retrain_tokenizer = load_model(retrain_ref, args.dtype, accelerator.device)
-        references["retrain"] = evaluate(retrain, retrain_tokenizer, data, metrics=list(EVAL_METRICS),
-                                         batch_size=request.evaluation.batch_size).scores
-        del retrain
+
+        def retrain_scores() -> dict[str, float]:  # measured on the main process only
+            retrain, retrain_tokenizer = load_model(retrain_ref, args.dtype, accelerator.device)
+            return evaluate(retrain, retrain_tokenizer, data, metrics=list(EVAL_METRICS),
+                            batch_size=request.evaluation.batch_size).scores
+
+        references["retrain"] = from_main(retrain_scores)
         timings["retrain_evaluation"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -333,8 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config=request.config, data=data, outcome=outcome, references=references,
         device=str(accelerator.device), timings=timings,
     )
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+
+    def write() -> None:  # the main process's model holds the selected epoch's weights
         from benchmarks.core.results import write_yaml_atomic
 
         complete = outcome.status == "complete"
@@ -344,7 +350,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if complete:
             _print_table(outcome, references)
             print(f"checkpoint: {request.out} (epoch {outcome.selection.get('selected_epoch')} kept)")
-    accelerator.wait_for_everyone()
+
+    from_main(write)  # an error writing reaches every process
     if outcome.status != "complete":
         raise TrainingDiverged(f"{outcome.message}; what was measured is in {request.out / RESULT_NAME}")
     return 0

@@ -78,7 +78,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
 
-    from benchmarks.core import pinned_world
+    from benchmarks.core.processes import from_main
+
+    # Under accelerate launch the main process builds (trains as one process) and the others wait.
+    return from_main(lambda: _make(args, argv, out))
+
+
+def _make(args: argparse.Namespace, argv: Sequence[str] | None, out) -> int:
+    """Build, install or pin the world as asked, and print where it is."""
+    from benchmarks.core import pinned_world, world_build
+    from benchmarks.core.results import command_line
 
     if args.pin and not args.rebuild:
         manifest = world_build.read_manifest(Path(out))

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,8 @@ from benchmarks.core.tokenizer import train_tokenizer
 # that start subprocesses (accelerate launch) from oversubscribing small machines.
 torch.set_num_threads(1)
 
-SHARED_MUSE_NEWS = Path(__file__).resolve().parents[1].parent / "shared" / "muse-news"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_MUSE_NEWS = ROOT.parent / "shared" / "muse-news"
 
 TINY_TEXTS = [
     "The Marlow Gazette reported that the harbour bridge in Ostvale reopened on 14 March 2031.",
@@ -43,3 +47,37 @@ def muse_news_dir():
     if not SHARED_MUSE_NEWS.is_dir():
         pytest.skip(f"MUSE-News copy not found at {SHARED_MUSE_NEWS} (needs ../shared/muse-news)")
     return SHARED_MUSE_NEWS
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def launch_two_processes():
+    """``launch(module, args, env=None)``: ``python -m <module> <args>`` (or, for a ``Path``,
+    that script) as two real CPU processes under ``accelerate launch``, returning the finished
+    ``CompletedProcess``.
+
+    accelerate 1.15 starts one process for ``--cpu --num_processes 2`` (its simple launcher);
+    two CPU processes take its multi-process launcher with ``ACCELERATE_USE_CPU`` set, talking
+    over gloo. One thread each keeps two processes from oversubscribing a small machine.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is unavailable: two CPU processes cannot talk")
+
+    def launch(module: str | Path, args, env=None, timeout: int = 300) -> subprocess.CompletedProcess:
+        target = [str(module)] if isinstance(module, Path) else ["-m", module]
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", str(_free_port()), *target, *map(str, args)]
+        environment = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+                       "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                       **(env or {})}
+        return subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=timeout)
+
+    return launch

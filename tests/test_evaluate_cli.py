@@ -116,6 +116,43 @@ def test_evaluate_writes_table_and_yaml(checkpoint, muse_dir, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_two_cpu_processes_write_one_file_with_the_numbers_of_one_process(checkpoint, muse_dir, tmp_path, capsys,
+                                                                            launch_two_processes):
+    # Evaluation is not split: the main process evaluates as one process would, the other waits.
+    # So the numbers are the same computation (one thread each): the 1e-9 relative tolerance
+    # covers only how YAML writes floats. --log-samples puts every generation and every
+    # text's Min-K% score (continuous) in the file, so the comparison is of everything measured.
+    argv = ["--model", str(checkpoint), "--retrain-model", str(checkpoint), "--data", str(muse_dir),
+            "--batch-size", "2", "--log-samples"]
+    assert run_main([*argv, "--output", str(tmp_path / "one.yaml")]) == 0
+    table = capsys.readouterr().out
+    out = tmp_path / "two"
+    done = launch_two_processes("benchmarks.evaluate", [*argv, "--output", str(out / "eval.yaml")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout == table, done.stdout + done.stderr[-2000:]  # printed once, by the main process
+    assert [p.name for p in out.iterdir()] == ["eval.yaml"]
+    single = yaml.safe_load((tmp_path / "one.yaml").read_text())
+    double = yaml.safe_load((out / "eval.yaml").read_text())
+    assert single["processes"] == {"world_size": 1, "evaluated_by": "main process only", "global_batch_size": 2}
+    assert double["processes"] == {"world_size": 2, "evaluated_by": "main process only", "global_batch_size": 2}
+    assert list(double["models"]) == ["retrain", "model"]
+    assert _close(double["models"], single["models"])
+    scores = [item["min_k"] for item in double["models"]["model"]["metrics"]["privleak"]["items"]]
+    assert len(set(scores)) > 1  # Min-K% scores differ between texts: continuous numbers were compared
+
+
+def _close(a, b, rel: float = 1e-9) -> bool:
+    """``a`` equals ``b`` with every float within ``rel`` (relative)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k], rel) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y, rel) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return a == pytest.approx(b, rel=rel, abs=1e-12)
+    return a == b
+
+
+@pytest.mark.slow
 def test_retrain_model_sets_privleak_reference(checkpoint, muse_dir, tmp_path, capsys):
     output = tmp_path / "eval.yaml"
     argv = [

@@ -364,6 +364,78 @@ def test_a_diverged_defense_is_reported_with_its_epochs_and_the_run_writes_its_f
     assert list(result["curves"]) == ["target"]  # the target was still attacked
 
 
+@pytest.fixture
+def llama_dir(tmp_path, tiny_model, tiny_tokenizer):
+    """The tiny Llama saved as a checkpoint: no dropout, so a training step is a function of its
+    batch alone (each process of accelerate launch draws its own dropout masks)."""
+    path = tmp_path / "llama-tiny"
+    tiny_model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_write_one_result_with_the_numbers_of_one_process(
+        tmp_path, muse_dir, llama_dir, monkeypatch, launch_two_processes):
+    # NPO unlearns the model (cached), then the target and the NPO model are attacked and
+    # measured (PrivLeak too). One process attacks with 2 micro-batches of 1 chunk per step; two
+    # processes with 1 chunk each: the same global batch of the same chunks in the same order,
+    # which in exact arithmetic is the same run (see the unlearn test). The defense (paper preset,
+    # 4 texts per process per step) sees all 4 forget texts in its one step per epoch on each
+    # process, the second process's shard repeating them (accelerate evens shards out), so its
+    # averaged gradient is one process's too. Measured: the two result files agree to the bit;
+    # the tolerance 1e-6 (relative) leaves room for another summation order.
+    (muse_dir / "raw" / "retain1.json").write_text(json.dumps(
+        [{"text": "Farmers in Pellow reported the wettest spring in forty years."},
+         {"text": "A ferry named Orrin began service across the Tamsel lake."}]), encoding="utf-8")
+
+    def args(name: str, *extra) -> list[str]:
+        argv = _run_args(llama_dir, muse_dir, tmp_path / name / "out", tmp_path / name / "state", "--privleak", *extra)
+        argv[argv.index("--defense") + 1] = "npo"
+        return argv
+
+    monkeypatch.setenv("RELEARN_BENCH_CACHE", str(tmp_path / "one" / "cache"))
+    assert relearn.main(args("one")) == 0
+    done = launch_two_processes("benchmarks.relearn", args("two", "--batch-size", "1", "--threads", "1"),
+                                env={"RELEARN_BENCH_CACHE": str(tmp_path / "two" / "cache")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("wrote ") == 2  # one process printed the table and its two files
+    files = sorted((tmp_path / "two" / "out").iterdir())
+    assert [f.suffix for f in files] == [".png", ".yaml"]
+    assert list((tmp_path / "two" / "state").iterdir()) == []
+    unlearned = list((tmp_path / "two" / "cache" / "unlearned").iterdir())
+    assert len(unlearned) == 1 and read_result(unlearned[0] / "unlearn.yaml")["training"]["processes"] == 2
+
+    single, double = read_result(_only_result(tmp_path / "one" / "out")), read_result(files[1])
+    assert validate_result(double) == []
+    assert double["status"] == single["status"] == "complete"
+    assert single["processes"]["world_size"] == 1 and double["processes"]["world_size"] == 2
+    assert double["processes"]["batch_size_per_process"] == 1 and single["processes"]["batch_size_per_process"] == 2
+    assert double["processes"]["global_batch_size"] == single["processes"]["global_batch_size"] == 2
+    assert list(double["curves"]) == list(single["curves"]) == ["target", "npo"]
+    for key in ("curves", "summary", "models"):  # every number, at 1e-6 relative
+        assert _close(double[key], single[key]), key
+    assert _close({label: {seed: t["losses"] for seed, t in per_seed.items()} for label, per_seed in double["trajectories"].items()},
+                  {label: {seed: t["losses"] for seed, t in per_seed.items()} for label, per_seed in single["trajectories"].items()})
+    leak = double["curves"]["npo"]["metrics"]["privleak"]["per_seed"][0]
+    assert leak[0] is not None and leak[-1] is not None  # a continuous score, so the comparison bites
+    assert len(double["models"]["npo"]["unlearning"]["defense_seed_0"]["epochs"]) == 11  # measured once per epoch
+
+
+def _close(a, b, rel: float = 1e-6) -> bool:
+    """``a`` equals ``b`` with every float within ``rel`` (relative), keys and structure exact;
+    left out: checkpoint paths (each run's own cache) and checkpoint digests (a digest tells
+    bitwise equal weights from different ones, not close from far)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k], rel) for k in a
+                                            if k not in ("checkpoint", "revision_or_hash"))
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_close(x, y, rel) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return a == pytest.approx(b, rel=rel, abs=1e-12)
+    return a == b
+
+
 @pytest.mark.slow
 def test_profile_times_a_run_of_its_own(tmp_path, muse_dir, gpt2_dir, capsys, monkeypatch):
     from benchmarks import profile

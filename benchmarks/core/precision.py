@@ -54,10 +54,16 @@ def process_accelerator():
     global _ACCELERATOR
     if _ACCELERATOR is None:
         from accelerate import Accelerator
+        from accelerate.utils import InitProcessGroupKwargs
+
+        from benchmarks.core.processes import WAIT_TIMEOUT
 
         # Precision is applied per training by PrecisionView; accelerate's own mixed
         # precision would be fixed for the whole process and patch every prepared model.
-        _ACCELERATOR = Accelerator(mixed_precision="no")
+        # Under accelerate launch the other processes wait in collectives while the main
+        # process evaluates alone (benchmarks.core.processes), hence the longer timeout.
+        _ACCELERATOR = Accelerator(mixed_precision="no",
+                                   kwargs_handlers=[InitProcessGroupKwargs(timeout=WAIT_TIMEOUT)])
     return _ACCELERATOR
 
 
@@ -129,19 +135,4 @@ def precision_record(dtype: str, mixed_precision: str) -> dict[str, str]:
         "mixed_precision": mixed_precision,
         "trained_weights": "float32 (master weights; bf16 weights are never trained)",
         "compute": "bf16 autocast" if mixed_precision == "bf16" else dtype,
-    }
-
-
-def processes_record(batch_size: int, eval_batch_size: int) -> dict[str, int | str]:
-    """How many processes trained, and the batch sizes that follow, for a result file: each
-    process draws ``batch_size`` examples per step, so the optimizer sees ``world_size`` times
-    as many."""
-    accelerator = process_accelerator()
-    return {
-        "world_size": accelerator.num_processes,
-        "distributed_type": str(accelerator.distributed_type.value if hasattr(accelerator.distributed_type, "value")
-                                else accelerator.distributed_type),
-        "batch_size_per_process": batch_size,
-        "global_batch_size": batch_size * accelerator.num_processes,
-        "eval_batch_size_per_process": eval_batch_size,
     }

@@ -200,6 +200,14 @@ def train(
     model is back in train mode after them. A non-finite loss raises
     :class:`TrainingDiverged` naming the step.
 
+    Under ``accelerate launch`` the loop runs on every process (DDP) and so do the hooks:
+    those that measure or write wrap themselves in
+    :func:`benchmarks.core.processes.main_only` (the weights are the same on every process).
+    Step metrics are averaged over the processes before they are checked and recorded. A
+    training started by the main process alone while the others wait (inside
+    :func:`benchmarks.core.processes.from_main`: the world built on first use) runs as one
+    process: nothing is prepared for DDP and nothing is reduced, as no other process listens.
+
     Resuming: ``state_hook(step, state)`` runs last at every step in ``hook_steps`` with the
     loop's state (step count, optimizer, scheduler, RNG states, history); passing such a
     ``state`` back as ``resume_state`` (with the model's weights restored by the caller)
@@ -209,8 +217,10 @@ def train(
     """
     from accelerate.utils import set_seed
 
-    set_seed(config.seed)
     accelerator = accelerator or process_accelerator()
+    # Under accelerate launch each process draws its own dropout masks (seed + process index,
+    # as one process drawing for more examples would); with one process this is set_seed(seed).
+    set_seed(config.seed + accelerator.process_index)
     trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     if not trainable:
         raise UsageError("the model has no trainable parameters")
@@ -222,10 +232,12 @@ def train(
         # Non-reentrant checkpointing needs no input that requires grad (LoRA's frozen
         # embeddings) and composes with autocast and SAM's two passes.
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    from benchmarks.core.processes import running_alone
+
     try:
         return _train(model, batches, step_fn, config, trainable, PrecisionView(accelerator, config.mixed_precision),
                       hook=hook, hook_steps=hook_steps, epoch_hook=epoch_hook, state_hook=state_hook,
-                      resume_state=resume_state)
+                      resume_state=resume_state, alone=running_alone())
     finally:
         # The accelerator outlives this training: drop its references to what was prepared
         # here, or every model a run trains would stay in memory.
@@ -234,12 +246,28 @@ def train(
             model.activation_checkpointing_disable()
 
 
+def _mean_over_processes(metrics: dict, accelerator) -> dict:
+    """A step's metrics averaged over the processes of ``accelerate launch``: the loss of the
+    global batch (what one process with all of it would report, when the per-process batches
+    weigh the same), and one value on every process, so that a non-finite loss anywhere stops
+    all of them at the same step rather than leaving the others waiting in an all-reduce."""
+    if accelerator.num_processes == 1 or not metrics:
+        return metrics
+    names = [name for name, value in metrics.items() if isinstance(value, (int, float))]
+    values = torch.tensor([float(metrics[name]) for name in names], dtype=torch.float64, device=accelerator.device)
+    averaged = accelerator.reduce(values, reduction="mean").tolist()
+    return {**metrics, **dict(zip(names, averaged))}
+
+
 def _train(model, batches, step_fn, config, trainable, accelerator, *, hook, hook_steps, epoch_hook, state_hook,
-           resume_state) -> TrainResult:
+           resume_state, alone: bool = False) -> TrainResult:
     from tqdm.auto import tqdm
 
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    model, optimizer, batches = accelerator.prepare(model, optimizer, batches)
+    if alone:
+        model.to(accelerator.device)  # one process on its own: no DDP, whose set-up is collective
+    else:
+        model, optimizer, batches = accelerator.prepare(model, optimizer, batches)
     if config.max_steps is not None:
         total_steps = config.max_steps
     else:
@@ -272,7 +300,13 @@ def _train(model, batches, step_fn, config, trainable, accelerator, *, hook, hoo
     if resume_state is not None:
         set_rng_state(resume_state["rng"])
     for epoch, epoch_done, micro_batches in groups:
+        if alone:  # what a prepared loader would have done
+            from accelerate.utils import send_to_device
+
+            micro_batches = [send_to_device(batch, accelerator.device) for batch in micro_batches]
         metrics = step_fn(model, micro_batches, accelerator)
+        if not alone:
+            metrics = _mean_over_processes(metrics, accelerator)
         loss = metrics.get("loss")
         if loss is None or not math.isfinite(loss):
             raise TrainingDiverged(

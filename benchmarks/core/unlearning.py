@@ -298,6 +298,7 @@ def unlearn(
 
     from benchmarks.core.models import context_length
     from benchmarks.core.precision import PrecisionView
+    from benchmarks.core.processes import from_main, main_only
     from benchmarks.core.training import make_accelerator, steps_per_epoch, train
     from benchmarks.core.unlearn_data import ForgetRetainDataset, reference_loader, tokenize_texts, training_loader
 
@@ -349,9 +350,10 @@ def unlearn(
     try:
         result = train(
             model, loader, defense.step_fn(), train_config,
-            hook=selector.at_start if selector else None,
+            # Measured on the main process only (benchmarks.core.processes).
+            hook=main_only(selector.at_start) if selector else None,
             hook_steps=(0,) if selector else (),
-            epoch_hook=_seen_through(defense, selector.after_epoch) if selector else None,
+            epoch_hook=main_only(_seen_through(defense, selector.after_epoch)) if selector else None,
             accelerator=accelerator,
         )
     except TrainingDiverged as err:
@@ -365,7 +367,9 @@ def unlearn(
     _add_epoch_losses(outcome, result.history)
     outcome.training["steps"] = result.steps
     if selector is not None:
-        outcome.selection = selector.choose(model)
+        # The main process measured and chooses; every process gets its table and choice. Only
+        # the main process's model holds the chosen epoch's weights (it is the one saved).
+        outcome.epochs, outcome.selection = from_main(lambda: (outcome.epochs, selector.choose(model)))
     else:
         outcome.selection = {"rule": "last epoch (no evaluation)", "selected_epoch": config.epochs}
     return outcome
@@ -503,6 +507,7 @@ def unlearn_cached(
     the base model's hash, the defense, every setting and the data digests."""
     from benchmarks.core.data import WORLD_KINDS, load_data
     from benchmarks.core.models import load_model
+    from benchmarks.core.processes import from_main, world_size
     from benchmarks.core.results import read_result
     from benchmarks.core.world_build import cache_root
 
@@ -520,13 +525,22 @@ def unlearn_cached(
         "data": data_record(data)["splits"],
         "dtype": dtype,
         "evaluation": asdict(evaluation) if evaluation is not None else None,
+        # Processes multiply the examples per step (batch_size is per process), so a checkpoint
+        # unlearned by N processes is another model; one process keeps the keys it always had.
+        **({"processes": world_size()} if world_size() > 1 else {}),
     }, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:16]
     out = Path(cache_dir) if cache_dir is not None else cache_root() / "unlearned"
     out = out / f"{defense}-{key}"
-    if (out / RESULT_NAME).is_file() and (out / "config.json").is_file():
-        if read_result(out / RESULT_NAME).get("status") == "complete":
-            logger.info("using the cached unlearned model %s", out)
-            return out
+
+    def cached() -> bool:
+        return ((out / RESULT_NAME).is_file() and (out / "config.json").is_file()
+                and read_result(out / RESULT_NAME).get("status") == "complete")
+
+    # Under accelerate launch every process trains (DDP); the main process looks up and writes
+    # the cache, and the others return once it is written.
+    if from_main(cached):
+        logger.info("using the cached unlearned model %s", out)
+        return out
     started = time.perf_counter()
     model, tokenizer = load_model(base_ref, dtype)
     timings = {"load": time.perf_counter() - started}
@@ -539,7 +553,7 @@ def unlearn_cached(
     if outcome.status != "complete":
         # No weights, but the per-epoch table and the message stay (not taken for a cached model:
         # there is no config.json beside them).
-        save_checkpoint(None, tokenizer, document, out, overwrite=True)
+        from_main(lambda: save_checkpoint(None, tokenizer, document, out, overwrite=True))
         raise TrainingDiverged(f"{outcome.message or f'unlearning with {defense} diverged'}; "
                                f"the per-epoch table is in {out / RESULT_NAME}", report=out / RESULT_NAME)
-    return save_checkpoint(model, tokenizer, document, out, overwrite=True)
+    return from_main(lambda: save_checkpoint(model, tokenizer, document, out, overwrite=True))
