@@ -6,7 +6,9 @@
 **Only comparable runs share a table**: runs are grouped by model (id and weights hash), data
 (source and split digests), attack name and the attack settings hash of
 :func:`benchmarks.core.results.attack_settings_hash` (every attack hyperparameter, the seeds,
-the milestones and the T/V split rule; recorded in newer files, computed for older ones).
+the milestones and the T/V split rule; recorded in newer files, computed for older ones), and
+the unlearning seeds of the defended models (a ``--defense-seeds`` run's intervals hold the
+defense's training noise too, so it gets a table of its own).
 
 **One metric, what the attack brought back**: KnowMem-forget on the questions of the held-out
 documents V, which the attacker never saw (DESIGN §5). A defense is ranked by its *change* on V
@@ -86,10 +88,15 @@ class Setting:
     data_digest: str | None
     attack: str
     attack_hash: str
+    # The unlearning seeds behind the defended models ("0" for one, "0,1,2" for --defense-seeds):
+    # intervals over several unlearning runs also hold the defense's own training noise, so
+    # they are no match for intervals over the attack seeds alone.
+    defense_seeds: str = "0"
 
     def sort_key(self) -> tuple:
         return tuple("" if v is None else str(v) for v in (self.model, self.model_hash, self.source,
-                                                          self.data_digest, self.attack, self.attack_hash))
+                                                          self.data_digest, self.attack, self.attack_hash,
+                                                          self.defense_seeds))
 
 
 @dataclass
@@ -177,7 +184,19 @@ def settings_of(result: Mapping) -> Setting:
         data_digest=data_digest(result["data"]),
         attack=str(attack["name"]),
         attack_hash=str(attack.get("settings_hash") or attack_settings_hash(attack)),
+        defense_seeds=defense_seeds_of(result),
     )
+
+
+def defense_seeds_of(result: Mapping) -> str:
+    """The unlearning seeds of a run's defended models, comma-separated ("0" when the file
+    records none: one unlearning run per defense, the runner's default)."""
+    seeds: set[int] = set()
+    for record in (result.get("models") or {}).values():
+        for key in (record.get("unlearning") or {}) if isinstance(record, Mapping) else ():
+            if str(key).startswith("defense_seed_"):
+                seeds.add(int(str(key).removeprefix("defense_seed_")))
+    return ",".join(str(s) for s in sorted(seeds)) or "0"
 
 
 def _series(result: Mapping, role: str | None, metric: str) -> Mapping | None:
@@ -436,8 +455,8 @@ def render(
         "",
         f"Regenerate with `{command}`.",
         "",
-        "Only runs with the same model, data, attack and attack settings (hyperparameters, seeds, milestones, "
-        "T/V split rule) share a table. Defenses are ranked by what the attack brought back on the one metric "
+        "Only runs with the same model, data, attack, attack settings (hyperparameters, seeds, milestones, "
+        "T/V split rule) and unlearning seeds of the defenses share a table. Defenses are ranked by what the attack brought back on the one metric "
         "that measures recovery rather than learning: **KnowMem-forget (ROUGE-L F1 × 100) on the questions of "
         "held-out documents V**, which the attacker never trained on. *V change* is the value at the budget step "
         "minus the value at step 0 (mean over seeds, ± the 95 % t-interval of the per-seed changes); lower is "
@@ -460,7 +479,8 @@ def render(
             how = f"{at}, closest to --budget {budget} in each run"
         lines += [
             f"## model `{setting.model}` · data `{setting.source}` · attack `{setting.attack}` "
-            f"(settings {setting.attack_hash})",
+            f"(settings {setting.attack_hash}"
+            + (f", defense seeds {setting.defense_seeds}" if setting.defense_seeds != "0" else "") + ")",
             "",
             f"Model weights {_short(setting.model_hash)}, data splits {_short(setting.data_digest)}. "
             + (f"Attack: {_attack_summary(rows, results)}. " if results else "")

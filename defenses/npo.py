@@ -68,10 +68,13 @@ class NPO(Defense):
     # The embedded world (benchmarks.core.unlearning.WORLD_PRESET): with GDR the tiny target's
     # KnowMem-retain kept falling after the forget facts were gone (fine-tuning on retain1
     # overwrites retain2's facts), so no two epochs met KnowMem-forget <= retrain + 10 and
-    # KnowMem-retain >= 0.9 x target together. KLR holds the retain outputs to the target's
-    # instead, and a forget weight of 3 makes up for the pull it adds
+    # KnowMem-retain >= 0.9 x target together; KLR holds the retain outputs to the target's.
+    # At β = 0.1 NPO saturated before the facts were gone: its 32-token windows fell ~65 nats
+    # below the reference (gradient weight 2σ(βΔ) ≈ 0.003) while a third of the answers
+    # survived in some seeds. β = 0.04 keeps the weight ~25x larger at the same drop; the
+    # forget/retain weights 1.5/2 trade the faster forgetting against utility
     # (results/world/unlearn/README.md has the runs). Subclasses (npo_sam, ...) share it.
-    world_settings = {"retain_loss": "klr", "forget_weight": 3.0}
+    world_settings = {"retain_loss": "klr", "beta": 0.04, "forget_weight": 1.5, "retain_weight": 2.0}
 
     def forget_loss(self, model, forget):
         if self.reference_logps is None:

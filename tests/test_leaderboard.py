@@ -105,6 +105,10 @@ def write_run(directory: Path, data_dir: Path, name: str, levels: dict, *, extra
     meta = {"run_id": f"20260101T000000.00000{len(list(directory.glob('*.yaml')))}Z-{name[:6]:0<6}",
             "created": "2026-01-02T03:04:05+00:00", "model_hash": "sha256:" + "ab" * 32}
     models = {role.label: {"kind": role.kind, "checkpoint": role.ref} for role in plan.roles}
+    for role in plan.roles:
+        if role.kind == "defended":  # as the runner records each unlearning run behind the model
+            models[role.label]["unlearning"] = {f"defense_seed_{s}": {"selection": {}, "epochs": []}
+                                                for s in sorted(set(role.defense_seeds.values()))}
     result = relearn.build_result(plan, meta, models, data, splits, groups, trajectories, {"total": 1.0}, None,
                                   verbmem_groups=verbmem_groups)
     return write_yaml_atomic(directory / f"{name}.yaml", result)
@@ -211,6 +215,17 @@ def test_runs_with_other_attack_settings_land_in_other_tables(tmp_path, data_dir
     assert len({setting.attack_hash for setting in groups}) == 4
     leaderboard.main([str(tmp_path)])
     assert (tmp_path / "LEADERBOARD.md").read_text().count("## model ") == 4
+
+
+def test_runs_over_several_unlearning_seeds_get_a_table_of_their_own(tmp_path, data_dir):
+    levels = {"target": TARGET, "retrain": RETRAIN, "npo": ([2, 20, 30], 78)}
+    write_run(tmp_path, data_dir, "default", levels)
+    write_run(tmp_path, data_dir, "dseeds", levels, extra=("--defense-seeds", "0,1"))
+    groups = _rows(tmp_path)
+    assert sorted(setting.defense_seeds for setting in groups) == ["0", "0,1"]
+    assert len({setting.attack_hash for setting in groups}) == 1  # the attack itself is the same
+    leaderboard.main([str(tmp_path)])
+    assert "defense seeds 0,1)" in (tmp_path / "LEADERBOARD.md").read_text()
 
 
 def test_a_file_without_the_recorded_hash_joins_the_runs_of_its_settings(tmp_path, data_dir):

@@ -99,15 +99,16 @@ PAPER_PRESET: dict[str, Any] = {
 }
 
 #: The embedded world's tiny target (4 layers, 128 wide, 20 forget articles of one subject):
-#: lr 6e-4 for 12 epochs moves it (the paper's 1e-5 barely does), and its facts are unlearned
+#: lr 6e-4, decayed linearly over 6 epochs, moves it (the paper's 1e-5 barely does; the decay
+#: settles the last epochs, which the plateau rule compares), and its facts are unlearned
 #: from both views it learned them from (``answer_view``). Examples are 32-token windows, about
 #: one Question/Answer block: NPO's loss is on *sequence* log-likelihoods and saturates once a
 #: sequence is unlikely, which on a whole 250-token article a few crushed tokens achieve, while
 #: short windows make every fact's sequence count on its own. NPO and its variants refine the
-#: retain term for the world in their ``world_settings`` (KLR, forget weight 3; see
+#: retain term for the world in their ``world_settings`` (KLR, β 0.04, weights 1.5/2; see
 #: :class:`defenses.npo.NPO`). results/world/unlearn/ holds the runs behind these choices.
 WORLD_PRESET: dict[str, Any] = {
-    "lr": 6e-4, "schedule": "constant", "epochs": 12, "batch_size": 4, "grad_accum": 1, "max_length": 32,
+    "lr": 6e-4, "schedule": "linear", "epochs": 6, "batch_size": 4, "grad_accum": 1, "max_length": 32,
     "mixed_precision": "no", "max_grad_norm": 1.0, "seed": 0, "answer_view": True, "utility_threshold": 0.9,
 }
 
