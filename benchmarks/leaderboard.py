@@ -470,6 +470,8 @@ def render(
     ]
     if not groups:
         lines += ["No result files found.", ""]
+    if results:
+        lines += render_matrix(list(results.items()), output_dir)
     for setting, rows in groups.items():
         steps = sorted({row.step for row in rows if row.step is not None})
         at = f"step {steps[0]}" if len(steps) == 1 else "steps " + ", ".join(map(str, steps))
@@ -496,6 +498,70 @@ def render(
             lines.append(f"- [`{link}`]({link}): {_cell(reason)}")
         lines.append("")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- defenses x attacks
+
+
+def attack_label(result: Mapping) -> str:
+    """A run's attack as a matrix column: its name, with the bit width when the plan quantizes
+    (``quantize-4``, ``finetune+quantize-4``): runs of one attack at other bit widths are other
+    attacks."""
+    attack = result["attack"]
+    name = str(attack["name"])
+    bits = (attack.get("hyperparameters") or {}).get("quant_bits")
+    return f"{name}-{bits}" if "quantize" in name.split("+") and bits is not None else name
+
+
+def _before_after(result: Mapping, role: str) -> str:
+    """``before → after ± half-width`` of KnowMem-forget on V, from step 0 to the last step."""
+    series = _series(result, role, RANKING_METRIC)
+    if series is None:
+        return "n/a"
+    seeds = _per_seed(series)
+    before = _stat([_at(v, 0) for v in seeds.values()])
+    after = _stat([v[-1] if v and v[-1] is not None else None for v in seeds.values()])
+    if before is None or after is None:
+        return "n/a"
+    spread = "" if after.half_width is None else f" ± {after.half_width:.1f}"
+    return f"{before.mean:.1f} → {after.mean:.1f}{spread}"
+
+
+def render_matrix(results: Sequence[tuple[Path, Mapping]], output_dir: Path) -> list[str]:
+    """Markdown lines of one defenses x attacks table per model, data and unlearning seeds that
+    more than one attack was run on: KnowMem-forget on V before → after each attack's last step.
+    Within a column the numbers come from one run; across columns the defended models are the
+    same checkpoints (the unlearning cache), so a row compares attacks on one model."""
+    tables: dict[tuple, dict[str, tuple[Path, Mapping]]] = {}
+    for path, result in results:
+        setting = settings_of(result)
+        key = (setting.model, setting.model_hash, setting.source, setting.data_digest, setting.defense_seeds)
+        tables.setdefault(key, {})[attack_label(result)] = (path, result)  # the newest file per attack wins
+    lines: list[str] = []
+    for (model, _, source, _, defense_seeds), by_attack in sorted(tables.items(), key=lambda kv: str(kv[0])):
+        if len(by_attack) < 2:
+            continue
+        attacks = sorted(by_attack)
+        roles: list[str] = []
+        for _, result in by_attack.values():
+            roles += [r for r in result["curves"] if r not in roles]
+        order = sorted(roles, key=lambda r: (r not in ("target", "retrain"), r != "target", r))
+        rows = [[_cell(role)] + [_before_after(by_attack[a][1], role) if role in by_attack[a][1]["curves"] else "–"
+                                 for a in attacks] for role in order]
+        links = ", ".join(
+            f"[{_cell(a)}]({Path(os.path.relpath(by_attack[a][0].resolve(), output_dir.resolve())).as_posix()})"
+            for a in attacks)
+        seeds_note = f", defense seeds {defense_seeds}" if defense_seeds != "0" else ""
+        lines += [
+            f"## Defenses × attacks: model `{model}` · data `{source}`{seeds_note}",
+            "",
+            "KnowMem-forget on held-out V before → after each attack (its last step; mean over attack seeds "
+            f"± the 95 % t-interval of the after values). Runs: {links}.",
+            "",
+            tabulate(rows, headers=["Model", *attacks], tablefmt="github", disable_numparse=True),
+            "",
+        ]
+    return lines
 
 
 # --------------------------------------------------------------------------- command line

@@ -228,6 +228,35 @@ def test_runs_over_several_unlearning_seeds_get_a_table_of_their_own(tmp_path, d
     assert "defense seeds 0,1)" in (tmp_path / "LEADERBOARD.md").read_text()
 
 
+def test_the_matrix_puts_each_attack_in_a_column(tmp_path, data_dir):
+    write_run(tmp_path, data_dir, "ft", {"target": TARGET, "retrain": RETRAIN, "npo": ([2, 20, 30], 78)})
+    write_run(tmp_path, data_dir, "lora", {"target": TARGET, "retrain": RETRAIN,
+                                           "npo": (lambda seed, i: [4, 8, 10 + 4 * seed][i], 78)},
+              extra=("--attack", "lora"))
+    results, _ = leaderboard.load_results(tmp_path)
+    text = "\n".join(leaderboard.render_matrix(results, tmp_path))
+    assert text.count("## Defenses × attacks") == 1
+    header, _, *body = [line for line in text.splitlines() if line.startswith("|")]
+    assert _cells(header) == ["Model", "finetune", "lora"]
+    cells = {_cells(row)[0]: _cells(row)[1:] for row in body}
+    assert list(cells) == ["target", "retrain", "npo"]
+    # lora's after values are 10 and 14 over seeds 0, 1: mean 12, t(1 df) x sd / sqrt(2) = 12.706 x 2.
+    assert cells["npo"] == ["2.0 → 30.0 ± 0.0", f"4.0 → 12.0 ± {T975_DF1 * 2:.1f}"]
+    assert cells["retrain"][0] == "1.0 → 3.0 ± 0.0"
+
+
+def test_a_matrix_needs_two_attacks(tmp_path, data_dir):
+    write_run(tmp_path, data_dir, "ft", {"target": TARGET, "retrain": RETRAIN, "npo": ([2, 20, 30], 78)})
+    results, _ = leaderboard.load_results(tmp_path)
+    assert leaderboard.render_matrix(results, tmp_path) == []
+
+
+def test_quantize_bits_are_part_of_the_attack_label():
+    assert leaderboard.attack_label({"attack": {"name": "finetune+quantize", "hyperparameters": {"quant_bits": 4}}}) \
+        == "finetune+quantize-4"
+    assert leaderboard.attack_label({"attack": {"name": "lora", "hyperparameters": {"quant_bits": 4}}}) == "lora"
+
+
 def test_a_file_without_the_recorded_hash_joins_the_runs_of_its_settings(tmp_path, data_dir):
     levels = {"target": TARGET, "retrain": RETRAIN, "npo": ([2, 20, 30], 78)}
     write_run(tmp_path, data_dir, "new", levels)
