@@ -136,6 +136,10 @@ def test_relearn_with_npo_on_a_tofu_directory(tiny_world, tmp_path, capsys):
     assert document["curves"]["retrain"]["0"]["forget_quality_V"][0] == [0, 1.0]
     utility = document["utility"]["npo"]["0"]
     assert not math.isnan(utility["before"]["model_utility"]) and "after" in utility
+    after = document["summary"]["npo"]["prob_V"]["after"]
+    assert after["per_seed"] == {"0": curve["prob_V"][-1][1]} and after["ci95_low"] is None  # one seed
+    assert document["summary"]["npo"]["model_utility"]["before"]["mean"] == utility["before"]["model_utility"]
+    assert document["bands"]["npo"]["steps"] == [0, 1, 2] and "Student t" in document["definitions"]["interval"]
     assert "V Prob" in capsys.readouterr().out
 
 

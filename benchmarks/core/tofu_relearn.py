@@ -14,6 +14,10 @@ The protocol (DESIGN §5, adapted to TOFU):
 * **Curves**: Prob, ROUGE and truth ratio (mean(min(TR, 1/TR))) on V and on T; forget quality on
   V against the retrain model's truth ratios on the same items (its step-0 values); model
   utility before and after the attack.
+* **Over seeds**: every summary statistic is computed per attack seed against the same seed's
+  baselines, then given as mean and Student-t 95 % interval over the seeds
+  (:func:`benchmarks.core.recovery.combine_seeds`, the interval of the MUSE runs); the curves
+  get the same band per milestone, which the PNG beside the result file draws.
 * **Baselines**: the target (``--target-model``) and retrain (``--retrain-model``) models under the
   same attack; recovery ratios (M(s) − M_unlearned(0)) / (M_target(0) − M_unlearned(0)) and the
   excess of an unlearned model's gain over the retrain model's.
@@ -50,7 +54,7 @@ TOFU_WORLD_PRESET: dict[str, Any] = {
                "batch_size": 8, "micro_batch_size": 8, "max_length": 256},
     "attack_overrides": {"lora": {"lr": 1e-2}},
     "milestones": (0, 5, 10, 20, 30),
-    "seeds": (0,),
+    "seeds": (0, 1, 2),  # three attack seeds (each its own T/V and NPO run): the summary has an interval
     "defenses": ("npo",),
     "defense_train": {"lr": 1e-4, "epochs": 3, "batch_size": 8},
     "eval_batch_size": 64,
@@ -340,7 +344,7 @@ def execute_tofu(plan: TofuPlan, data: TofuData, world, make_attack: Callable[[A
                  make_defense: Callable[[str], Any]) -> dict[str, Any]:
     """Run every role under the attack for every seed; return the result document."""
     from benchmarks.core.models import load_model
-    from benchmarks.core.tofu_eval import TofuEvalSettings, evaluate_tofu, score_items
+    from benchmarks.core.tofu_eval import TofuEvalSettings, evaluate_tofu, forget_quality_on, score_items
     from benchmarks.core.tofu_metrics import truth_ratio_closer_to_1
     from benchmarks.core.tofu_world import answer_loss, pair_loader
     from benchmarks.core.training import plain_step, train
@@ -352,6 +356,9 @@ def execute_tofu(plan: TofuPlan, data: TofuData, world, make_attack: Callable[[A
     forget_items = data["forget_perturbed"].items
     curves: dict[str, dict[str, dict[str, list]]] = {}
     utility: dict[str, dict[str, Any]] = {}
+    # The retrain model's un-attacked per-item truth ratios, per seed: on the whole forget split
+    # (from its TOFU table) and on V (from its step-0 curve point, scored exactly as later points).
+    retrain_ratios: dict[int, dict[int, float]] = {}
     retrain_v: dict[int, dict[int, float]] = {}
     status = "complete"
     timings: dict[str, float] = {}
@@ -370,11 +377,13 @@ def execute_tofu(plan: TofuPlan, data: TofuData, world, make_attack: Callable[[A
             if role.defense is not None:
                 unlearn_on_tofu(model, tokenizer, make_defense(role.defense), data, plan.prompt,
                                 plan.defense_train, seed)
+            # The TOFU table on the whole forget split (T and V), as a user would report the model.
             before = evaluate_tofu(model, tokenizer, data, settings,
-                                   retrain_truth_ratios=None if role.kind == "retrain" else retrain_v.get(seed),
-                                   forget_items=v_items)
+                                   retrain_truth_ratios=None if role.kind == "retrain" else retrain_ratios.get(seed),
+                                   forget_items=forget_items)
             if role.kind == "retrain":
-                retrain_v[seed] = before.forget_truth_ratios
+                retrain_ratios[seed] = before.forget_truth_ratios  # every forget item: V's are among them
+                before.scores["forget_quality"] = 1.0  # KS test of a sample against itself
             attack = make_attack(plan.attack_config)
             model = attack.prepare(model)
             per_metric: dict[str, list] = {}
@@ -385,9 +394,9 @@ def execute_tofu(plan: TofuPlan, data: TofuData, world, make_attack: Callable[[A
                     for metric, value in (("prob", scores.prob), ("rouge", scores.rouge),
                                           ("truth_ratio", truth_ratio_closer_to_1(list(scores.truth_ratios.values())))):
                         per_metric.setdefault(f"{metric}_{name}", []).append([step, value])
+                    if name == "V" and role.kind == "retrain" and step == 0:
+                        retrain_v[seed] = dict(scores.truth_ratios)
                     if name == "V" and seed in retrain_v:
-                        from benchmarks.core.tofu_eval import forget_quality_on
-
                         per_metric.setdefault("forget_quality_V", []).append(
                             [step, forget_quality_on(scores.truth_ratios, retrain_v[seed])])
 
@@ -402,9 +411,8 @@ def execute_tofu(plan: TofuPlan, data: TofuData, world, make_attack: Callable[[A
             except TrainingDiverged as err:
                 logger.error("%s seed %d: %s", role.label, seed, err)
                 status = "diverged"
-            after = evaluate_tofu(model, tokenizer, data, settings,
-                                  retrain_truth_ratios=retrain_v.get(seed) if role.kind != "retrain" else None,
-                                  forget_items=v_items)
+            after = evaluate_tofu(model, tokenizer, data, settings, retrain_truth_ratios=retrain_ratios.get(seed),
+                                  forget_items=forget_items)
             curves.setdefault(role.label, {})[str(seed)] = per_metric
             utility.setdefault(role.label, {})[str(seed)] = {
                 "before": {k: before.scores[k] for k in ("model_utility", "forget_prob", "forget_rouge",
@@ -416,60 +424,150 @@ def execute_tofu(plan: TofuPlan, data: TofuData, world, make_attack: Callable[[A
             del model
     return {
         "curves": curves, "utility": utility, "status": status, "timings": timings, "prompt": prompt_record,
-        "summary": summarize(plan, curves),
+        "summary": summarize(plan, curves, utility), "bands": curve_bands(plan, curves),
     }
 
 
-def _final(points: list) -> float | None:
-    return points[-1][1] if points else None
+#: Curve metrics summarised per model: Prob, ROUGE and truth ratio on V and on T, forget quality on V.
+SUMMARY_METRICS = tuple(f"{m}_{group}" for group in ("V", "T") for m in CURVE_METRICS) + ("forget_quality_V",)
+#: The TOFU table's fields kept for each model before and after the attack (whole forget split).
+TABLE_FIELDS = ("model_utility", "forget_prob", "forget_rouge", "forget_truth_ratio", "forget_quality")
+
+#: What the summary's statistics mean; written into every TOFU relearning result file.
+TOFU_DEFINITIONS = {
+    "before/after": "the curve's value at step 0 and at the last milestone",
+    "recovery_ratio": "(M(S) - M(0)) / (M_target(0) - M(0)) with the same seed's target: the share of the gap "
+    "to the un-attacked target that the attack closed (either sign of gap; null for the target itself)",
+    "excess_over_retrain": "(M(S) - M(0)) - (M_retrain(S) - M_retrain(0)), same seed: the attack's gain beyond "
+    "what it gives the retrain model, which never saw the forget authors",
+    "utility": "the TOFU table of each model on the whole forget split, before and after the attack; forget "
+    "quality against the retrain model's un-attacked truth ratios",
+}
 
 
-def summarize(plan: TofuPlan, curves: Mapping[str, Mapping[str, Mapping[str, list]]]) -> dict[str, Any]:
-    """Per model and metric on V: mean over seeds of the value before and after, recovery
-    ratio toward the target, and gain beyond the retrain model's."""
-    def mean_at(label: str, metric: str, index: int) -> float | None:
-        values = [series[metric][index][1] for series in curves.get(label, {}).values()
-                  if metric in series and series[metric] and series[metric][index][1] is not None]
-        return sum(values) / len(values) if values else None
+def _seed_values(series: Sequence[Sequence[Any]] | None) -> list[float | None]:
+    return [point[1] for point in series] if series else []
+
+
+def _seed_summary(values: Sequence[float | None], target: Sequence[float | None] | None,
+                  retrain: Sequence[float | None] | None) -> dict[str, float | None]:
+    """Before/after, recovery ratio and excess over retrain of one curve (one model, one seed)."""
+    before = values[0] if values else None
+    after = values[-1] if values else None
+    ratio = excess = None
+    target0 = target[0] if target else None
+    if None not in (before, after, target0) and abs(target0 - before) > 1e-12:
+        ratio = (after - before) / (target0 - before)
+    if retrain and None not in (before, after, retrain[0], retrain[-1]):
+        excess = (after - before) - (retrain[-1] - retrain[0])
+    return {"before": before, "after": after, "recovery_ratio": ratio, "excess_over_retrain": excess}
+
+
+def summarize(plan: TofuPlan, curves: Mapping[str, Mapping[str, Mapping[str, list]]],
+              utility: Mapping[str, Mapping[str, Mapping[str, Mapping[str, float | None]]]] | None = None,
+              ) -> dict[str, Any]:
+    """Per model: for each of :data:`SUMMARY_METRICS` the statistics of :data:`TOFU_DEFINITIONS`,
+    and for each of :data:`TABLE_FIELDS` the value before and after the attack. Each is
+    computed per seed against the same seed's baselines, then given as mean and Student-t 95 %
+    interval over the attack seeds (:func:`benchmarks.core.recovery.combine_seeds`)."""
+    from benchmarks.core.recovery import combine_seeds
+
+    target = next((r.label for r in plan.roles if r.kind == "target"), None)
+    retrain = next((r.label for r in plan.roles if r.kind == "retrain"), None)
+
+    def series(label: str | None, seed: str, metric: str) -> list[float | None] | None:
+        if label is None or label not in curves or seed not in curves[label]:
+            return None
+        return _seed_values(curves[label][seed].get(metric))
 
     summary: dict[str, Any] = {}
-    for label in curves:
+    for label, per_seed in curves.items():
         summary[label] = {}
-        for metric in ("prob_V", "rouge_V", "truth_ratio_V", "forget_quality_V", "prob_T"):
-            before, after = mean_at(label, metric, 0), mean_at(label, metric, -1)
-            entry: dict[str, Any] = {"before": before, "after": after}
-            target0 = mean_at("target", metric, 0)
-            if before is not None and after is not None and target0 is not None and abs(target0 - before) > 1e-12:
-                entry["recovery_ratio"] = (after - before) / (target0 - before)
-            else:
-                entry["recovery_ratio"] = None
-            r0, r1 = mean_at("retrain", metric, 0), mean_at("retrain", metric, -1)
-            if None not in (before, after, r0, r1):
-                entry["excess_over_retrain"] = (after - before) - (r1 - r0)
-            else:
-                entry["excess_over_retrain"] = None
-            summary[label][metric] = entry
+        for metric in SUMMARY_METRICS:
+            if not any(metric in points for points in per_seed.values()):
+                continue
+            summary[label][metric] = combine_seeds({
+                seed: _seed_summary(_seed_values(points.get(metric)), series(target, seed, metric),
+                                    series(retrain, seed, metric))
+                for seed, points in per_seed.items()})
+        for name in TABLE_FIELDS:
+            rows = (utility or {}).get(label, {})
+            if rows:
+                summary[label][name] = combine_seeds({
+                    seed: {"before": row["before"].get(name), "after": row["after"].get(name)}
+                    for seed, row in rows.items()})
     return summary
 
 
+def curve_bands(plan: TofuPlan, curves: Mapping[str, Mapping[str, Mapping[str, list]]]) -> dict[str, Any]:
+    """Per model and curve metric, the mean and 95 % t-interval over seeds at every milestone, in
+    the ``{label: {"steps", "metrics": {metric: {"mean", "ci95_low", "ci95_high"}}}}`` layout
+    the recovery plots draw (:func:`benchmarks.core.recovery.curve_band`)."""
+    from benchmarks.core.recovery import curve_band
+
+    bands: dict[str, Any] = {}
+    for label, per_seed in curves.items():
+        metrics = {}
+        for metric in SUMMARY_METRICS:
+            values = {}
+            for seed, points in per_seed.items():
+                by_step = {int(step): value for step, value in points.get(metric) or []}
+                values[seed] = [by_step.get(step) for step in plan.milestones]
+            if any(v is not None for curve in values.values() for v in curve):
+                metrics[metric] = curve_band(values)
+        bands[label] = {"steps": list(plan.milestones), "metrics": metrics}
+    return bands
+
+
+#: Row names of the printed summary.
+SUMMARY_LABELS = {
+    "prob_V": "V Prob", "rouge_V": "V ROUGE", "truth_ratio_V": "V truth ratio", "forget_quality_V": "V forget quality",
+    "prob_T": "T Prob", "rouge_T": "T ROUGE", "truth_ratio_T": "T truth ratio",
+    "model_utility": "model utility", "forget_prob": "forget Prob", "forget_rouge": "forget ROUGE",
+    "forget_truth_ratio": "forget truth ratio", "forget_quality": "forget quality",
+}
+
+
+def _cell(stats: Mapping[str, Any] | None) -> str:
+    """``mean ±half-width`` of a :func:`benchmarks.core.recovery.interval` (mean alone for one seed)."""
+    if not stats or stats.get("mean") is None:
+        return "n/a"
+    mean = stats["mean"]
+    tiny = mean != 0 and abs(mean) < 1e-3  # forget quality can be 1e-20: significant digits, not places
+    text = f"{mean:.3g}" if tiny else f"{mean:.3f}"
+    if stats.get("ci95_high") is not None:
+        half = stats["ci95_high"] - mean
+        text += f" ±{half:.2g}" if tiny else f" ±{half:.3f}"
+    return text
+
+
 def format_tofu_summary(result: Mapping[str, Any]) -> str:
+    """Two tables: the curves on V and T (before, after, recovery, excess over retrain) and the
+    whole forget split's TOFU table before and after the attack, each cell mean ± 95 % t-interval
+    half-width over the attack seeds."""
     from tabulate import tabulate
 
-    def cell(v):
-        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else (
-            f"{v:.3g}" if abs(v) < 1e-3 and v != 0 else f"{v:.3f}")
-
-    rows = []
+    curve_rows, table_rows = [], []
     for label, metrics in result["summary"].items():
-        seed0 = next(iter(result["utility"][label].values()))
-        rows.append([label, cell(metrics["prob_V"]["before"]), cell(metrics["prob_V"]["after"]),
-                     cell(metrics["prob_V"]["recovery_ratio"]), cell(metrics["prob_T"]["after"]),
-                     cell(metrics["truth_ratio_V"]["after"]), cell(metrics["forget_quality_V"]["before"]),
-                     cell(metrics["forget_quality_V"]["after"]),
-                     cell(seed0["before"]["model_utility"]), cell(seed0["after"]["model_utility"])])
-    headers = ["model", "V Prob before", "V Prob after", "V recovery", "T Prob after", "V TR after",
-               "V FQ before", "V FQ after", "MU before", "MU after"]
-    return tabulate(rows, headers=headers, tablefmt="github")
+        for metric in SUMMARY_METRICS:
+            if metric in metrics:
+                stats = metrics[metric]
+                curve_rows.append([label, SUMMARY_LABELS[metric], _cell(stats["before"]), _cell(stats["after"]),
+                                   _cell(stats["recovery_ratio"]), _cell(stats["excess_over_retrain"])])
+        row = [label]
+        for name in ("forget_prob", "forget_truth_ratio", "forget_quality", "model_utility"):
+            stats = metrics.get(name) or {}
+            row += [_cell(stats.get("before")), _cell(stats.get("after"))]
+        table_rows.append(row)
+    seeds = len(result["attack"]["seeds"])
+    caption = (f"{result['attack']['name']} attack, {result['milestones'][-1]} steps, {seeds} seed(s); "
+               "mean ± 95% t-interval half-width over the seeds (mean alone with one seed)")
+    curves = tabulate(curve_rows, headers=["model", "metric", "before", "after", "recovery", "excess over retrain"],
+                      tablefmt="github", disable_numparse=True)
+    table = tabulate(table_rows, headers=["model", "forget Prob before", "after", "forget TR before", "after",
+                                          "forget quality before", "after", "MU before", "MU after"],
+                     tablefmt="github", disable_numparse=True)
+    return f"{curves}\n\nwhole forget split:\n{table}\n{caption}"
 
 
 def run_tofu_relearn(args: argparse.Namespace, argv, attacks, build_defense: Callable[..., Any]) -> int:
@@ -477,6 +575,7 @@ def run_tofu_relearn(args: argparse.Namespace, argv, attacks, build_defense: Cal
     from benchmarks.core.results import (
         command_line, environment_info, new_run_id, utc_now, write_yaml_atomic,
     )
+    from benchmarks.core.recovery import INTERVAL_METHOD
     from benchmarks.core.tofu_cli import load_tofu_source
 
     attack_cls = attacks.get(args.attack)
@@ -527,13 +626,15 @@ def run_tofu_relearn(args: argparse.Namespace, argv, attacks, build_defense: Cal
                    "split_rule": "by author", "authors": {str(s): {"T": t, "V": v} for s, (t, v) in plan.splits.items()}},
         "milestones": plan.milestones,
         "curves": result["curves"],
+        "bands": result["bands"],
         "utility": result["utility"],
         "summary": result["summary"],
+        "definitions": {**TOFU_DEFINITIONS, "interval": INTERVAL_METHOD},
         "environment": environment_info("cuda" if torch.cuda.is_available() else "cpu"),
         "timings": {**result["timings"], "total": time.perf_counter() - started},
     }
     output = Path(str(plan.output).replace("{run_id}", document["run_id"]))
     write_yaml_atomic(output, document, overwrite=plan.overwrite)
-    print(format_tofu_summary(result))
+    print(format_tofu_summary(document))
     print(f"wrote {output}")
     return 0 if result["status"] == "complete" else 3
