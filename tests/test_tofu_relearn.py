@@ -87,3 +87,55 @@ def test_printed_table_shows_mean_and_half_width():
     npo_table = [line for line in text.splitlines() if line.startswith("| npo")][-1]
     assert "0.470 ±0.050" in npo_table  # model utility after: 0.47 ± 0.04968
     assert "mean ± 95% t-interval half-width" in text
+
+
+def _document(seeds=("0", "1", "2")):
+    curves = {label: {s: per_seed[s] for s in seeds} for label, per_seed in _curves().items()}
+    return {"models": {"retrain": {"kind": "retrain"}, "target": {"kind": "target"}, "npo": {"kind": "defended"}},
+            "bands": curve_bands(_plan(), curves), "status": "complete",
+            "attack": {"name": "finetune", "seeds": [int(s) for s in seeds], "authors": {"0": {"T": [1], "V": [2]}}},
+            "data": {"source": "tofu-world", "forget_split": "forget10"}}
+
+
+def test_plot_is_written_and_not_replaced_without_overwrite(tmp_path):
+    from benchmarks.core.errors import UsageError
+    from benchmarks.core.tofu_relearn import plot_tofu_relearn
+
+    png = tmp_path / "run.png"
+    assert plot_tofu_relearn(_document(), png) == png
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    with pytest.raises(UsageError, match="exists"):
+        plot_tofu_relearn(_document(), png)
+    plot_tofu_relearn(_document(seeds=("0",)), png, overwrite=True)  # one seed: lines without a band
+    assert png.read_bytes() != data
+
+
+@pytest.fixture
+def nothing_loads(monkeypatch):
+    """Fail the test if a run gets as far as loading data or a model."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("loaded before the output paths were checked")
+
+    monkeypatch.setattr("benchmarks.core.tofu_cli.load_tofu_source", refuse)
+    monkeypatch.setattr("benchmarks.core.models.load_model", refuse)
+
+
+def test_bad_output_paths_fail_before_anything_loads(tmp_path, nothing_loads):
+    from benchmarks.core.errors import UsageError
+    from benchmarks.relearn import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    base = ["--data", "tofu-world", "--no-progress"]
+    with pytest.raises(UsageError, match="a-file"):
+        main(base + ["--output-dir", str(blocker / "results")])
+    with pytest.raises(UsageError, match="a-file"):
+        main(base + ["--output", str(blocker / "run.yaml")])
+    taken = tmp_path / "run.png"  # the plot's place beside --output
+    taken.write_bytes(b"keep me")
+    with pytest.raises(UsageError, match=r"run\.png exists; pass --overwrite"):
+        main(base + ["--output", str(tmp_path / "run.yaml")])
+    assert taken.read_bytes() == b"keep me"
+    with pytest.raises(UsageError, match="not both"):
+        main(base + ["--output", str(tmp_path / "other.yaml"), "--output-dir", str(tmp_path)])

@@ -141,6 +141,7 @@ def test_relearn_with_npo_on_a_tofu_directory(tiny_world, tmp_path, capsys):
     assert document["summary"]["npo"]["model_utility"]["before"]["mean"] == utility["before"]["model_utility"]
     assert document["bands"]["npo"]["steps"] == [0, 1, 2] and "Student t" in document["definitions"]["interval"]
     assert "V Prob" in capsys.readouterr().out
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_relearn_dry_run_for_the_published_checkpoints(capsys, monkeypatch):

@@ -121,7 +121,7 @@ class TofuPlan:
 def make_tofu_plan(args: argparse.Namespace, argv, attack_cls, check_defense: Callable[[str], Any]) -> TofuPlan:
     """Check the arguments of a TOFU relearning run and fix its plan; loads no model."""
     from benchmarks.core.models import check_model_ref
-    from benchmarks.core.results import check_output_target, check_yaml_target, command_line
+    from benchmarks.core.results import check_output_target, check_writable_directory, check_yaml_target, command_line
     from benchmarks.core.tofu_cli import prompt_settings
 
     forget_split = check_forget_split(args.forget_split)
@@ -190,7 +190,10 @@ def make_tofu_plan(args: argparse.Namespace, argv, attack_cls, check_defense: Ca
         raise UsageError("the author world's retrain model matches forget10; use --forget-split forget10")
 
     if args.output is not None:
+        if args.output_dir is not None:
+            raise UsageError("give --output or --output-dir, not both")
         output = check_yaml_target(args.output, "--output", overwrite=args.overwrite)
+        check_output_target(output.with_suffix(".png"), overwrite=args.overwrite)  # the plot goes beside it
     else:
         # A directory, and a file name carrying the run id (known at write time), so a new run
         # never collides with an earlier one.
@@ -198,6 +201,7 @@ def make_tofu_plan(args: argparse.Namespace, argv, attack_cls, check_defense: Ca
         directory = Path(args.output_dir) if args.output_dir else Path("results") / (
             "tofu-world" if world else "tofu") / model_label
         check_output_target(directory)
+        check_writable_directory(directory, "--output-dir")
         output = directory / f"relearn-{args.attack}-{'+'.join(defenses) or 'none'}-{forget_split}-{{run_id}}.yaml"
     plan = TofuPlan(
         command=command_line("benchmarks.relearn", argv), data=args.data, forget_split=forget_split,
@@ -265,6 +269,7 @@ def format_tofu_plan(plan: TofuPlan, authors: Sequence[int] | None) -> str:
                                "model utility before and after",
                        "batch_size": plan.eval_batch_size, "max_new_tokens": plan.max_new_tokens},
         "output": str(plan.output),
+        "plot": str(plan.output.with_suffix(".png")),
     }
     if authors is not None:
         resolve_splits(plan, authors)
@@ -541,6 +546,33 @@ def _cell(stats: Mapping[str, Any] | None) -> str:
     return text
 
 
+#: The panels of a TOFU relearning plot: V's curves, T's, then forget quality on V.
+PLOT_METRICS = ("prob_V", "rouge_V", "truth_ratio_V", "prob_T", "rouge_T", "truth_ratio_T", "forget_quality_V")
+
+
+def plot_tofu_relearn(document: Mapping[str, Any], png_path: Path, overwrite: bool = False) -> Path:
+    """The recovery plot of a TOFU relearning result (:func:`benchmarks.core.plots.plot_recovery`):
+    one panel per curve metric on a 0–1 scale, each model's mean over seeds with its 95 % band,
+    the target and retrain baselines dashed."""
+    from benchmarks.core.plots import plot_recovery
+
+    models = document.get("models") or {}
+    view = {"curves": document.get("bands") or {},
+            "references": {kind: next((label for label, m in models.items() if m.get("kind") == kind), None)
+                           for kind in ("target", "retrain")}}
+    attack = document.get("attack") or {}
+    split = next(iter((attack.get("authors") or {}).values()), {})
+    seeds = len(attack.get("seeds") or [])
+    data = document.get("data") or {}
+    title = (f"TOFU {data.get('source', '?')} {data.get('forget_split', '')}\nattack {attack.get('name', '?')} on "
+             f"{len(split.get('T', []))} authors (T), {len(split.get('V', []))} held out (V), "
+             f"{seeds} seed{'s' if seeds != 1 else ''}")
+    if document.get("status") not in (None, "complete"):
+        title += f"  [{document['status']}]"
+    return plot_recovery(view, png_path, overwrite=overwrite, metrics=PLOT_METRICS, labels=SUMMARY_LABELS,
+                         y_limits={m: (0.0, 1.0) for m in PLOT_METRICS}, title=title)
+
+
 def format_tofu_summary(result: Mapping[str, Any]) -> str:
     """Two tables: the curves on V and T (before, after, recovery, excess over retrain) and the
     whole forget split's TOFU table before and after the attack, each cell mean ± 95 % t-interval
@@ -635,6 +667,7 @@ def run_tofu_relearn(args: argparse.Namespace, argv, attacks, build_defense: Cal
     }
     output = Path(str(plan.output).replace("{run_id}", document["run_id"]))
     write_yaml_atomic(output, document, overwrite=plan.overwrite)
+    png = plot_tofu_relearn(document, output.with_suffix(".png"), overwrite=plan.overwrite)
     print(format_tofu_summary(document))
-    print(f"wrote {output}")
+    print(f"wrote {output}\nwrote {png}")
     return 0 if result["status"] == "complete" else 3
