@@ -21,6 +21,9 @@ The protocol (DESIGN §5, adapted to TOFU):
 * **Baselines**: the target (``--target-model``) and retrain (``--retrain-model``) models under the
   same attack; recovery ratios (M(s) − M_unlearned(0)) / (M_target(0) − M_unlearned(0)) and the
   excess of an unlearned model's gain over the retrain model's.
+* **Resume**: the run keeps a state directory (``--state-dir``, keyed by the plan) with every
+  finished trajectory and the latest milestone checkpoint of the one in progress, the way the
+  MUSE and world runs do (:mod:`benchmarks.core.run_state`); ``--resume`` continues it.
 * **Defenses** run on TOFU too: the forget batches are T∪V's chat pairs (the whole forget split)
   with answer-only masks, the retain batches the retain split's, so NPO's sequence likelihood and
   GDR's NLL cover answer tokens only.
@@ -30,8 +33,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,9 +49,10 @@ from benchmarks.core.tofu_data import TOFU_WORLD, TofuData, TofuItem, check_forg
 logger = logging.getLogger(__name__)
 
 #: The author world: attack half of the 4 forget10 authors, evaluate the other half. NPO (GDR
-#: retain term) at lr 1e-4 for 3 epochs takes the world target's forget Prob from 0.785 to 0.41
-#: and keeps model utility at 0.55 (target 0.59); lr 1e-3 or 10 epochs forget more but cost
-#: more than a tenth of the utility (measured on the default world, seed 0).
+#: retain term) at lr 1e-4 for 3 epochs takes the world target's forget Prob from 0.718 to
+#: 0.345 ± 0.024 and keeps model utility at 0.471 ± 0.013 (target 0.514; seeds 0-2, README);
+#: lr 1e-3 or 10 epochs forget more but cost more than a tenth of the utility (measured on an
+#: earlier build of the default world, seed 0).
 TOFU_WORLD_PRESET: dict[str, Any] = {
     "attack": {"relearn_fraction": 0.5, "steps": 30, "lr": 1e-3, "schedule": "cosine",
                "batch_size": 8, "micro_batch_size": 8, "max_length": 256},
@@ -116,6 +120,33 @@ class TofuPlan:
     overwrite: bool
     splits: dict[int, tuple[list[int], list[int]]] = field(default_factory=dict)  # seed -> (T, V)
     notes: list[str] = field(default_factory=list)
+    state_dir: Path | None = None  # the resume state (benchmarks.core.run_state), keyed by the plan
+    resume: bool = False
+    checkpoints: bool = True
+    checkpoint_every: int = 0
+
+    def identity(self) -> dict[str, Any]:
+        """What determines the numbers (hashes into the resume key): not where files go."""
+        identity = {
+            "data": self.data, "forget_split": self.forget_split, "prompt": self.prompt.to_dict(),
+            "roles": {r.label: {"kind": r.kind, "ref": r.ref, "defense": r.defense,
+                                "defense_config": r.defense_config} for r in self.roles},
+            "attack": self.attack, "attack_config": self.attack_config.to_dict(), "seeds": self.seeds,
+            "milestones": self.milestones, "eval_batch_size": self.eval_batch_size,
+            "max_new_tokens": self.max_new_tokens, "defense_train": self.defense_train, "dtype": self.dtype,
+        }
+        if self.data == TOFU_WORLD:  # another world configuration is another run
+            from benchmarks.core.tofu_world import TofuWorldConfig, world_hash
+
+            identity["world"] = world_hash(TofuWorldConfig())
+        return identity
+
+    def key(self) -> str:
+        import hashlib
+        import json
+
+        blob = json.dumps(self.identity(), sort_keys=True, default=str)
+        return "tofu-" + hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
 def make_tofu_plan(args: argparse.Namespace, argv, attack_cls, check_defense: Callable[[str], Any]) -> TofuPlan:
@@ -145,6 +176,8 @@ def make_tofu_plan(args: argparse.Namespace, argv, attack_cls, check_defense: Ca
         sorted(set(m for m in preset["milestones"] if m <= config.steps) | {0, config.steps}))
     if any(not 0 <= m <= config.steps for m in milestones):
         raise UsageError(f"milestones {milestones} must lie within 0..{config.steps}")
+    if args.checkpoint_every < 0:
+        raise UsageError(f"--checkpoint-every must be >= 0 steps, got {args.checkpoint_every}")
 
     roles: list[TofuRole] = []
     if args.model is None and not world:
@@ -209,7 +242,13 @@ def make_tofu_plan(args: argparse.Namespace, argv, attack_cls, check_defense: Ca
         milestones=milestones, eval_batch_size=args.eval_batch_size or preset["eval_batch_size"],
         max_new_tokens=args.max_new_tokens or preset["max_new_tokens"], defense_train=dict(preset["defense_train"]),
         dtype=args.dtype or "float32", output=output, overwrite=args.overwrite, notes=notes,
+        resume=args.resume, checkpoints=not args.no_checkpoints, checkpoint_every=args.checkpoint_every,
     )
+    from benchmarks.core.world_build import cache_root
+
+    state_root = Path(args.state_dir) if args.state_dir else cache_root() / "relearn-state"
+    check_writable_directory(state_root, "--state-dir")
+    plan.state_dir = state_root / plan.key()
     return plan
 
 
@@ -270,6 +309,7 @@ def format_tofu_plan(plan: TofuPlan, authors: Sequence[int] | None) -> str:
                        "batch_size": plan.eval_batch_size, "max_new_tokens": plan.max_new_tokens},
         "output": str(plan.output),
         "plot": str(plan.output.with_suffix(".png")),
+        "resume_state": str(plan.state_dir),
     }
     if authors is not None:
         resolve_splits(plan, authors)
@@ -345,20 +385,36 @@ def unlearn_on_tofu(model, tokenizer, defense, data: TofuData, prompt: PromptSet
 CURVE_METRICS = ("prob", "rouge", "truth_ratio")
 
 
+def _ratios(mapping: Mapping[Any, float] | None) -> dict[int, float] | None:
+    """Per-item truth ratios keyed by item index again after a trip through JSON (string keys)."""
+    return None if mapping is None else {int(k): float(v) for k, v in mapping.items()}
+
+
 def execute_tofu(plan: TofuPlan, data: TofuData, world, make_attack: Callable[[Any], Any],
                  make_defense: Callable[[str], Any]) -> dict[str, Any]:
-    """Run every role under the attack for every seed; return the result document."""
-    from benchmarks.core.models import load_model
-    from benchmarks.core.tofu_eval import TofuEvalSettings, evaluate_tofu, forget_quality_on, score_items
-    from benchmarks.core.tofu_metrics import truth_ratio_closer_to_1
-    from benchmarks.core.tofu_world import answer_loss, pair_loader
-    from benchmarks.core.training import plain_step, train
+    """Run every role under the attack for every seed; return the result document's parts.
+
+    Each finished trajectory (one model, one seed) is recorded in the run's state directory
+    (:class:`benchmarks.core.run_state.RunState`), and the trajectory in progress keeps its
+    latest milestone checkpoint there: with ``plan.resume`` an interrupted run of the same plan
+    skips the finished trajectories and continues the interrupted one from its last milestone
+    (its defense and step-0 TOFU table, deterministic, are recomputed) with the same numbers."""
+    from benchmarks.core.results import new_run_id, utc_now
+    from benchmarks.core.run_state import RunState
 
     resolve_splits(plan, data.forget_authors())
-    settings = TofuEvalSettings(prompt=plan.prompt, batch_size=plan.eval_batch_size,
-                                max_new_tokens=plan.max_new_tokens)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    forget_items = data["forget_perturbed"].items
+    state = RunState(plan.state_dir, plan.checkpoints, plan.checkpoint_every)
+    if plan.resume and state.exists() and state.meta().get("plan_key") == plan.key():
+        meta = state.meta()
+        logger.info("resuming run %s from %s", meta["run_id"], plan.state_dir)
+    else:
+        if plan.resume:
+            logger.info("no interrupted run of this plan at %s; starting afresh", plan.state_dir)
+        elif state.exists():
+            logger.warning("an interrupted run of this plan is at %s; starting afresh (use --resume to continue it)",
+                           plan.state_dir)
+        meta = {"run_id": new_run_id(), "created": utc_now(), "plan_key": plan.key()}
+        state.start(meta)
     curves: dict[str, dict[str, dict[str, list]]] = {}
     utility: dict[str, dict[str, Any]] = {}
     # The retrain model's un-attacked per-item truth ratios, per seed: on the whole forget split
@@ -369,68 +425,119 @@ def execute_tofu(plan: TofuPlan, data: TofuData, world, make_attack: Callable[[A
     timings: dict[str, float] = {}
     prompt_record: dict | None = None
     for role in plan.roles:
-        ref = role.ref
-        if ref is None:
-            ref = str(world.retrain_dir if role.kind == "retrain" else world.target_dir)
         for seed in plan.seeds:
-            t_authors, v_authors = plan.splits[seed]
-            t_items = [i for i in forget_items if i.author in set(t_authors)]
-            v_items = [i for i in forget_items if i.author in set(v_authors)]
-            started = time.perf_counter()
-            model, tokenizer = load_model(ref, dtype=plan.dtype, device=device)
-            prompt_record = prompt_record or describe_prompt(tokenizer, plan.prompt)
-            if role.defense is not None:
-                unlearn_on_tofu(model, tokenizer, make_defense(role.defense), data, plan.prompt,
-                                plan.defense_train, seed)
-            # The TOFU table on the whole forget split (T and V), as a user would report the model.
-            before = evaluate_tofu(model, tokenizer, data, settings,
-                                   retrain_truth_ratios=None if role.kind == "retrain" else retrain_ratios.get(seed),
-                                   forget_items=forget_items)
+            record = state.finished(seed, role.label)
+            if record is None:
+                record = _run_trajectory(plan, role, seed, data, world, state, make_attack, make_defense,
+                                         retrain_ratios.get(seed), retrain_v.get(seed))
+                state.finish(seed, role.label, record)
+            else:
+                logger.info("%s, seed %d: finished before the interruption", role.label, seed)
             if role.kind == "retrain":
-                retrain_ratios[seed] = before.forget_truth_ratios  # every forget item: V's are among them
-                before.scores["forget_quality"] = 1.0  # KS test of a sample against itself
-            attack = make_attack(plan.attack_config)
-            model = attack.prepare(model)
-            per_metric: dict[str, list] = {}
-
-            def hook(step: int, current) -> None:
-                for name, items in (("V", v_items), ("T", t_items)):
-                    scores = score_items(current, tokenizer, "forget_perturbed", items, settings)
-                    for metric, value in (("prob", scores.prob), ("rouge", scores.rouge),
-                                          ("truth_ratio", truth_ratio_closer_to_1(list(scores.truth_ratios.values())))):
-                        per_metric.setdefault(f"{metric}_{name}", []).append([step, value])
-                    if name == "V" and role.kind == "retrain" and step == 0:
-                        retrain_v[seed] = dict(scores.truth_ratios)
-                    if name == "V" and seed in retrain_v:
-                        per_metric.setdefault("forget_quality_V", []).append(
-                            [step, forget_quality_on(scores.truth_ratios, retrain_v[seed])])
-
-            t_pairs = attack_pairs(data.forget.items, t_authors)
-            loader = pair_loader(tokenizer, t_pairs, PromptSettings(system_prompt=plan.prompt.system_prompt,
-                                                                    date_string=plan.prompt.date_string,
-                                                                    max_length=plan.attack_config.max_length),
-                                 plan.attack_config.micro_batch_size, seed)
-            try:
-                train(model, loader, plain_step(answer_loss), plan.attack_config.train_config(seed, progress=False),
-                      hook=hook, hook_steps=plan.milestones, params=[p for p in model.parameters() if p.requires_grad])
-            except TrainingDiverged as err:
-                logger.error("%s seed %d: %s", role.label, seed, err)
-                status = "diverged"
-            after = evaluate_tofu(model, tokenizer, data, settings, retrain_truth_ratios=retrain_ratios.get(seed),
-                                  forget_items=forget_items)
-            curves.setdefault(role.label, {})[str(seed)] = per_metric
-            utility.setdefault(role.label, {})[str(seed)] = {
-                "before": {k: before.scores[k] for k in ("model_utility", "forget_prob", "forget_rouge",
-                                                         "forget_truth_ratio", "forget_quality")},
-                "after": {k: after.scores[k] for k in ("model_utility", "forget_prob", "forget_rouge",
-                                                       "forget_truth_ratio", "forget_quality")},
-            }
-            timings[f"{role.label}/seed{seed}"] = time.perf_counter() - started
-            del model
+                retrain_ratios[seed], retrain_v[seed] = _ratios(record["retrain_forget"]), _ratios(record["retrain_v"])
+            status = "diverged" if record["status"] == "diverged" else status
+            prompt_record = prompt_record or record["prompt"]
+            curves.setdefault(role.label, {})[str(seed)] = record["curve"]
+            utility.setdefault(role.label, {})[str(seed)] = record["utility"]
+            timings[f"{role.label}/seed{seed}"] = record["seconds"]
     return {
+        "run_id": meta["run_id"], "created": meta["created"],
         "curves": curves, "utility": utility, "status": status, "timings": timings, "prompt": prompt_record,
         "summary": summarize(plan, curves, utility), "bands": curve_bands(plan, curves),
     }
+
+
+def _run_trajectory(plan: TofuPlan, role: TofuRole, seed: int, data: TofuData, world, state,
+                    make_attack: Callable[[Any], Any], make_defense: Callable[[str], Any],
+                    retrain_ratios: dict[int, float] | None, retrain_v: dict[int, float] | None) -> dict[str, Any]:
+    """One model under the attack of one seed: defend (if a defense), its TOFU table, the attack
+    with the curve at every milestone (a checkpoint after each), its TOFU table again. Returns
+    the JSON-able record the run state keeps; the retrain model's also carries its truth ratios,
+    the reference of every later model's forget quality."""
+    from benchmarks.core.models import load_model
+    from benchmarks.core.tofu_eval import TofuEvalSettings, evaluate_tofu, forget_quality_on, score_items
+    from benchmarks.core.tofu_metrics import truth_ratio_closer_to_1
+    from benchmarks.core.tofu_world import answer_loss, pair_loader
+    from benchmarks.core.training import plain_step, train
+
+    settings = TofuEvalSettings(prompt=plan.prompt, batch_size=plan.eval_batch_size,
+                                max_new_tokens=plan.max_new_tokens)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    forget_items = data["forget_perturbed"].items
+    ref = role.ref
+    if ref is None:
+        ref = str(world.retrain_dir if role.kind == "retrain" else world.target_dir)
+    t_authors, v_authors = plan.splits[seed]
+    t_items = [i for i in forget_items if i.author in set(t_authors)]
+    v_items = [i for i in forget_items if i.author in set(v_authors)]
+    started = time.perf_counter()
+    model, tokenizer = load_model(ref, dtype=plan.dtype, device=device)
+    if role.defense is not None:
+        unlearn_on_tofu(model, tokenizer, make_defense(role.defense), data, plan.prompt, plan.defense_train, seed)
+    # The TOFU table on the whole forget split (T and V), as a user would report the model.
+    before = evaluate_tofu(model, tokenizer, data, settings,
+                           retrain_truth_ratios=None if role.kind == "retrain" else retrain_ratios,
+                           forget_items=forget_items)
+    if role.kind == "retrain":
+        retrain_ratios = before.forget_truth_ratios  # every forget item: V's are among them
+        before.scores["forget_quality"] = 1.0  # KS test of a sample against itself
+    attack = make_attack(plan.attack_config)
+    model = attack.prepare(model)
+    per_metric: dict[str, list] = {}
+    reference_v = {"ratios": retrain_v}
+    resume_state = None
+    saved = state.checkpoint(seed, role.label)
+    if saved is not None:
+        attack.load_trainable_state(model, saved["trainable_state"])
+        resume_state = saved["loop_state"]
+        per_metric = saved["curve"]["per_metric"]
+        reference_v["ratios"] = _ratios(saved["curve"]["retrain_v"])
+        logger.info("%s, seed %d: resuming at step %d", role.label, seed, resume_state["step"])
+
+    def hook(step: int, current) -> None:
+        for name, items in (("V", v_items), ("T", t_items)):
+            scores = score_items(current, tokenizer, "forget_perturbed", items, settings)
+            for metric, value in (("prob", scores.prob), ("rouge", scores.rouge),
+                                  ("truth_ratio", truth_ratio_closer_to_1(list(scores.truth_ratios.values())))):
+                per_metric.setdefault(f"{metric}_{name}", []).append([step, value])
+            if name == "V" and role.kind == "retrain" and step == 0:
+                reference_v["ratios"] = dict(scores.truth_ratios)
+            if name == "V" and reference_v["ratios"] is not None:
+                per_metric.setdefault("forget_quality_V", []).append(
+                    [step, forget_quality_on(scores.truth_ratios, reference_v["ratios"])])
+
+    def state_hook(step: int, loop_state: dict) -> None:
+        state.save_checkpoint(seed, role.label, {
+            "trainable_state": attack.trainable_state(model), "loop_state": loop_state,
+            "curve": {"per_metric": per_metric, "retrain_v": reference_v["ratios"]}})
+
+    t_pairs = attack_pairs(data.forget.items, t_authors)
+    loader = pair_loader(tokenizer, t_pairs, PromptSettings(system_prompt=plan.prompt.system_prompt,
+                                                            date_string=plan.prompt.date_string,
+                                                            max_length=plan.attack_config.max_length),
+                         plan.attack_config.micro_batch_size, seed)
+    status = "complete"
+    try:
+        train(model, loader, plain_step(answer_loss), plan.attack_config.train_config(seed, progress=False),
+              hook=hook, hook_steps=plan.milestones, params=[p for p in model.parameters() if p.requires_grad],
+              state_hook=state_hook, resume_state=resume_state)
+    except TrainingDiverged as err:
+        logger.error("%s seed %d: %s", role.label, seed, err)
+        status = "diverged"
+    after = evaluate_tofu(model, tokenizer, data, settings, retrain_truth_ratios=retrain_ratios,
+                          forget_items=forget_items)
+    record = {
+        "status": status,
+        "prompt": describe_prompt(tokenizer, plan.prompt),
+        "curve": per_metric,
+        "utility": {"before": {k: before.scores[k] for k in TABLE_FIELDS},
+                    "after": {k: after.scores[k] for k in TABLE_FIELDS}},
+        "seconds": time.perf_counter() - started,
+    }
+    if role.kind == "retrain":
+        record.update(retrain_forget=retrain_ratios, retrain_v=reference_v["ratios"])
+    del model
+    return record
 
 
 #: Curve metrics summarised per model: Prob, ROUGE and truth ratio on V and on T, forget quality on V.
@@ -604,10 +711,8 @@ def format_tofu_summary(result: Mapping[str, Any]) -> str:
 
 def run_tofu_relearn(args: argparse.Namespace, argv, attacks, build_defense: Callable[..., Any]) -> int:
     """The whole TOFU relearning run for ``benchmarks.relearn`` (which passes its registries)."""
-    from benchmarks.core.results import (
-        command_line, environment_info, new_run_id, utc_now, write_yaml_atomic,
-    )
     from benchmarks.core.recovery import INTERVAL_METHOD
+    from benchmarks.core.results import command_line, environment_info, write_yaml_atomic
     from benchmarks.core.tofu_cli import load_tofu_source
 
     attack_cls = attacks.get(args.attack)
@@ -638,17 +743,23 @@ def run_tofu_relearn(args: argparse.Namespace, argv, attacks, build_defense: Cal
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     data, world = load_tofu_source(args.data, plan.forget_split)
-    result = execute_tofu(plan, data, world, lambda config: attack_cls(config),
-                          lambda name: build_defense(name))
+    data_seconds = time.perf_counter() - started
+    try:
+        result = execute_tofu(plan, data, world, lambda config: attack_cls(config),
+                              lambda name: build_defense(name))
+    except KeyboardInterrupt:
+        print(f"interrupted: run the same command with --resume to continue from the last milestone "
+              f"(state kept in {plan.state_dir})", file=sys.stderr)
+        raise
     document = {
         "schema_version": 1,
         # Its own kind: the curves are per author split and TOFU metric, not the MUSE schema
         # the leaderboard ranks.
         "kind": "tofu_relearn",
         "benchmark": "tofu",
-        "run_id": new_run_id(),
+        "run_id": result["run_id"],  # a resumed run keeps the id and start time of the one it continues
         "command": command_line("benchmarks.relearn", argv),
-        "created": utc_now(),
+        "created": result["created"],
         "status": result["status"],
         "data": data.describe(),
         "prompt": result["prompt"] or plan.prompt.to_dict(),
@@ -663,11 +774,16 @@ def run_tofu_relearn(args: argparse.Namespace, argv, attacks, build_defense: Cal
         "summary": result["summary"],
         "definitions": {**TOFU_DEFINITIONS, "interval": INTERVAL_METHOD},
         "environment": environment_info("cuda" if torch.cuda.is_available() else "cpu"),
-        "timings": {**result["timings"], "total": time.perf_counter() - started},
+        # Counted from the trajectories' records, so a resumed run reports the time of the whole run.
+        "timings": {"data": data_seconds, **result["timings"],
+                    "total": data_seconds + sum(result["timings"].values())},
     }
     output = Path(str(plan.output).replace("{run_id}", document["run_id"]))
     write_yaml_atomic(output, document, overwrite=plan.overwrite)
     png = plot_tofu_relearn(document, output.with_suffix(".png"), overwrite=plan.overwrite)
     print(format_tofu_summary(document))
+    from benchmarks.core.run_state import RunState
+
+    RunState(plan.state_dir, plan.checkpoints).remove()  # complete: nothing left to resume
     print(f"wrote {output}\nwrote {png}")
     return 0 if result["status"] == "complete" else 3
