@@ -4,6 +4,7 @@ evaluate and relearn commands, and the author-level T/V split."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import yaml
@@ -136,7 +137,12 @@ def test_relearn_with_npo_on_a_tofu_directory(tiny_world, tmp_path, capsys):
     assert document["curves"]["retrain"]["0"]["forget_quality_V"][0] == [0, 1.0]
     utility = document["utility"]["npo"]["0"]
     assert not math.isnan(utility["before"]["model_utility"]) and "after" in utility
+    after = document["summary"]["npo"]["prob_V"]["after"]
+    assert after["per_seed"] == {"0": curve["prob_V"][-1][1]} and after["ci95_low"] is None  # one seed
+    assert document["summary"]["npo"]["model_utility"]["before"]["mean"] == utility["before"]["model_utility"]
+    assert document["bands"]["npo"]["steps"] == [0, 1, 2] and "Student t" in document["definitions"]["interval"]
     assert "V Prob" in capsys.readouterr().out
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_relearn_dry_run_for_the_published_checkpoints(capsys, monkeypatch):
@@ -153,6 +159,7 @@ def test_relearn_dry_run_for_the_published_checkpoints(capsys, monkeypatch):
     seed0 = plan["split"]["seed 0"]
     assert sorted(seed0["T authors"] + seed0["V authors"]) == list(range(180, 200))
     assert len(seed0["T authors"]) == 10
+    assert Path(plan["resume_state"]).name.startswith("tofu-") and plan["plot"].endswith(".png")
     assert set(plan["models"]) == {"retrain", "target", "npo_llama-3.2-1b-instruct_forget10_ep10_lr5e-5_alpha1.0_beta0.1"}
 
 
@@ -163,3 +170,48 @@ def test_relearn_refuses_a_label_taken_by_a_baseline(tiny_world):
     with pytest.raises(UsageError, match="--label"):
         main(["--data", str(tiny_world.data_dir), "--model", str(tiny_world.target_dir), "--defense", "none",
               "--dry-run"])
+
+
+@pytest.mark.slow
+def test_relearn_resumes_after_an_interruption_with_the_same_numbers(tiny_world, tmp_path, monkeypatch):
+    from benchmarks.core.run_state import RunState
+    from benchmarks.relearn import main
+
+    def args(name: str, *extra: str) -> list[str]:
+        return ["--data", str(tiny_world.data_dir), "--model", str(tiny_world.target_dir), "--defense", "none",
+                "--label", "attacked", "--retrain-model", str(tiny_world.retrain_dir), "--steps", "2",
+                "--milestones", "0,1,2", "--lr", "1e-3", "--output", str(tmp_path / f"{name}.yaml"),
+                "--state-dir", str(tmp_path / f"{name}-state"), "--no-progress", "--max-new-tokens", "8", *extra]
+
+    assert main(args("reference")) == 0
+    reference = yaml.safe_load((tmp_path / "reference.yaml").read_text())
+    assert not any((tmp_path / "reference-state").iterdir())  # a complete run leaves no state
+
+    # Interrupt the attacked model's trajectory right after its first milestone checkpoint.
+    original = RunState.save_checkpoint
+    saved = []
+
+    def interrupted(self, seed, label, payload):
+        original(self, seed, label, payload)
+        saved.append((label, payload["loop_state"]["step"]))
+        if label == "attacked":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunState, "save_checkpoint", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(args("run"))
+    assert saved == [("retrain", 1), ("retrain", 2), ("attacked", 1)]
+    assert not (tmp_path / "run.yaml").exists()  # no partial result file
+    state = next((tmp_path / "run-state").iterdir())
+    assert (state / "seed0-retrain.json").is_file()  # finished: not run again
+    assert [p.name for p in state.glob("*.ckpt")] == ["seed0-attacked.ckpt"]
+    run_id = RunState(state, True).meta()["run_id"]
+    monkeypatch.setattr(RunState, "save_checkpoint", original)
+
+    assert main(args("run", "--resume")) == 0
+    resumed = yaml.safe_load((tmp_path / "run.yaml").read_text())
+    assert resumed["run_id"] == run_id
+    for section in ("curves", "utility", "summary", "bands"):
+        assert resumed[section] == reference[section], section
+    assert set(resumed["timings"]) == set(reference["timings"])
+    assert not state.exists()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -59,8 +59,18 @@ def _title(result: Mapping[str, Any]) -> str:
     return title
 
 
-def recovery_figure(result: Mapping[str, Any]) -> Figure:
-    """The recovery-curve figure of one result dict (see :mod:`benchmarks.core.results`)."""
+def recovery_figure(
+    result: Mapping[str, Any],
+    metrics: Sequence[str] | None = None,
+    labels: Mapping[str, str] | None = None,
+    y_limits: Mapping[str, tuple[float, float]] | None = None,
+    title: str | None = None,
+) -> Figure:
+    """The recovery-curve figure of one result dict (see :mod:`benchmarks.core.results`).
+
+    Other benchmarks' results (TOFU's) come in the same ``curves``/``references`` layout and
+    say which ``metrics`` to draw in which order, their panel ``labels``, ``y_limits`` and the
+    ``title``; by default every metric of the file is drawn with the MUSE names and scales."""
     curves: Mapping[str, Any] = result.get("curves") or {}
     refs = reference_roles(result)
     reference_of = {role: kind for kind, role in refs.items() if role is not None}
@@ -68,7 +78,8 @@ def recovery_figure(result: Mapping[str, Any]) -> Figure:
     roles = [r for r in curves if r not in reference_of]
     roles += [refs[kind] for kind in ("target", "retrain") if refs[kind] is not None]
     roles = list(dict.fromkeys(roles))
-    metrics = ordered_metrics(m for curve in curves.values() for m in (curve.get("metrics") or {}))
+    present = ordered_metrics(m for curve in curves.values() for m in (curve.get("metrics") or {}))
+    metrics = present if metrics is None else [m for m in metrics if m in present]
     if not metrics:
         raise ValueError("the result has no curves to plot")
 
@@ -102,24 +113,25 @@ def recovery_figure(result: Mapping[str, Any]) -> Figure:
             low, high = _floats(series.get("ci95_low")), _floats(series.get("ci95_high"))
             if len(low) == len(steps) == len(high) and any(math.isfinite(v) for v in low + high):
                 ax.fill_between(steps, low, high, color=style["color"], alpha=0.18, linewidth=0)
-        ax.set_title(metric_label(metric), fontsize=10)
+        ax.set_title((labels or {}).get(metric) or metric_label(metric), fontsize=10)
         ax.set_xlabel("attack step")
-        ax.set_ylim(*Y_LIMITS.get(metric, DEFAULT_Y_LIMITS))
+        ax.set_ylim(*((y_limits or {}).get(metric) or Y_LIMITS.get(metric, DEFAULT_Y_LIMITS)))
         ax.set_xlim(left=0)
         ax.grid(alpha=0.3)
     for ax in axes[len(metrics):]:
         ax.set_visible(False)
 
-    figure.suptitle(_title(result), fontsize=10)
+    figure.suptitle(title or _title(result), fontsize=10)
     figure.legend(list(legend.values()), list(legend.keys()), loc="outside lower center",
                   ncols=min(len(legend), 6), frameon=False)
     return figure
 
 
-def plot_recovery(result: Mapping[str, Any], png_path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Draw :func:`recovery_figure` to ``png_path`` atomically (temporary file, then rename);
-    an existing file is replaced only with ``overwrite=True``."""
-    figure = recovery_figure(result)
+def plot_recovery(result: Mapping[str, Any], png_path: str | os.PathLike, overwrite: bool = False,
+                  **figure_options: Any) -> Path:
+    """Draw :func:`recovery_figure` (with ``figure_options``) to ``png_path`` atomically
+    (temporary file, then rename); an existing file is replaced only with ``overwrite=True``."""
+    figure = recovery_figure(result, **figure_options)
     return atomic_write(
         Path(png_path), lambda stream: figure.savefig(stream, format="png", dpi=130),
         overwrite=overwrite, binary=True,
