@@ -710,24 +710,24 @@ def _estimate_ref(plan: Plan) -> str | None:
 
 
 def _checkpoint_estimate(plan: Plan) -> str:
-    from attacks import ATTACKS
+    from attacks import attack_class
     from benchmarks.core.footprint import checkpoint_estimate
 
     if not plan.checkpoints:
         return "off (--no-checkpoints)"
     ref = _estimate_ref(plan)
-    return checkpoint_estimate(ref, ATTACKS.get(plan.attack)(plan.attack_config).prepare, plan.checkpoint_every)
+    return checkpoint_estimate(ref, attack_class(plan.attack)(plan.attack_config).prepare, plan.checkpoint_every)
 
 
 def _memory_estimate(plan: Plan) -> dict | str:
     """Peak memory per device of each training of the run (its defenses, the attack); see
     :func:`benchmarks.core.footprint.memory_estimate`."""
-    from attacks import ATTACKS
+    from attacks import attack_class
     from benchmarks.core.footprint import TrainingShape, memory_estimate
     from defenses import DEFENSES
 
     config = plan.attack_config
-    trainings = {f"attack {plan.attack}": (ATTACKS.get(plan.attack)(config).prepare, TrainingShape(
+    trainings = {f"attack {plan.attack}": (attack_class(plan.attack)(config).prepare, TrainingShape(
         config.micro_batch_size, config.max_length, config.mixed_precision, plan.gradient_checkpointing))}
     for role in plan.roles_of("defended"):
         settings = role.defense_config

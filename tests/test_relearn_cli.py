@@ -107,6 +107,19 @@ def test_dry_run_of_the_paper_setting_needs_no_network(capsys, monkeypatch, tmp_
     assert not (tmp_path / "cache").exists()  # nothing was written either
 
 
+def test_dry_run_of_a_composed_plan_sizes_its_training_part(capsys, tmp_path, muse_dir, gpt2_dir, no_model_loading):
+    # The plan's estimates (memory, checkpoint size) come from the composed attack, not the registry of
+    # single attacks, which does not know 'finetune+quantize'.
+    args = _run_args(gpt2_dir, muse_dir, tmp_path / "out", tmp_path / "state")
+    assert relearn.main(args + ["--attack", "finetune+quantize", "--quant-bits", "4", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    plan = yaml.safe_load("\n".join(line for line in out.splitlines() if not line.startswith(("dry run", "note:"))))
+    assert plan["attack"]["name"] == "finetune+quantize"
+    assert plan["attack"]["hyperparameters"]["quant_bits"] == 4
+    assert "attack finetune+quantize" in out  # the training it sizes
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_dry_run_as_a_command_exits_zero(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RELEARN_BENCH_CACHE": str(tmp_path)}
