@@ -61,6 +61,10 @@ class SimNPO(Defense):
     """Reference-free, length-normalised NPO with a margin."""
 
     config_class = SimNPOConfig
+    # The embedded world: with GDR and β 2.5 KnowMem-retain fell under the bar at KnowMem-forget
+    # ~40; with KLR (as for NPO) β 2.5 hardly moved the forget set (96 after 6 epochs) and β 1
+    # stopped at 36. β 0.5 with forget/retain weights 3/3 meets both at epochs 4-6.
+    world_settings = {"retain_loss": "klr", "beta": 0.5, "forget_weight": 3.0, "retain_weight": 3.0}
 
     def forget_loss(self, model, forget):
         logits = model(input_ids=forget["input_ids"], attention_mask=forget["attention_mask"]).logits
