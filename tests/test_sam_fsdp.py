@@ -29,7 +29,9 @@ from defenses import build_defense
 
 RHO = 0.05
 STEPS = 2
-BATCH_PER_PROCESS = 2
+MICRO_BATCH = 1
+GRAD_ACCUM = 2  # per process: SAM's passes under FSDP2's no_sync, then one reduce-scatter
+GLOBAL_BATCH = 2 * MICRO_BATCH * GRAD_ACCUM
 
 # Shared by the two processes and the one-process reference (the script imports this module).
 TEXTS = [
@@ -76,9 +78,9 @@ def record_perturbations(records: list):
     return original
 
 
-def config() -> TrainConfig:
-    # max_grad_norm 1.0 (the default) clips these ~1e2 gradients, so the clip's norm counts too.
-    return TrainConfig(lr=1e-3, max_steps=STEPS, max_grad_norm=1.0, progress=False)
+def config(grad_accum: int = 1) -> TrainConfig:
+    # max_grad_norm 1.0 (the default) clips these ~30 gradients, so the clip's norm counts too.
+    return TrainConfig(lr=1e-3, max_steps=STEPS, grad_accum=grad_accum, max_grad_norm=1.0, progress=False)
 
 
 SCRIPT = textwrap.dedent('''
@@ -110,8 +112,8 @@ SCRIPT = textwrap.dedent('''
     tokenizer, model, defense, data = case.build()
     records = []
     case.record_perturbations(records)
-    loader = DataLoader(data, batch_size=case.BATCH_PER_PROCESS, collate_fn=Collate(tokenizer.pad_token_id))
-    result = train(model, loader, defense.step_fn(), case.config())
+    loader = DataLoader(data, batch_size=case.MICRO_BATCH, collate_fn=Collate(tokenizer.pad_token_id))
+    result = train(model, loader, defense.step_fn(), case.config(case.GRAD_ACCUM))
     sharded = {name: type(p).__name__ for name, p in model.named_parameters()}
     full = {name: p.detach().full_tensor() for name, p in model.named_parameters()}  # a collective: both ranks
     rank = accelerator.process_index
@@ -137,12 +139,12 @@ def test_npo_sam_under_fsdp2_perturbs_by_the_whole_gradients_epsilon_and_steps_l
         assert 0.4 < rank["local_numel"] / rank["numel"] < 0.6
     assert ranks[0]["local_numel"] + ranks[1]["local_numel"] == ranks[0]["numel"]
 
-    # One process, the whole global batch (2 per process x 2 processes) in one micro-batch.
+    # One process, the whole global batch (2 micro-batches of 1 on each of 2 processes) at once.
     tokenizer, model, defense, data = build()
     records: list = []
     original = record_perturbations(records)
     try:
-        loader = DataLoader(data, batch_size=2 * BATCH_PER_PROCESS, collate_fn=Collate(tokenizer.pad_token_id))
+        loader = DataLoader(data, batch_size=GLOBAL_BATCH, collate_fn=Collate(tokenizer.pad_token_id))
         single = train(model, loader, defense.step_fn(), config())
     finally:
         sam.perturb = original
