@@ -1,8 +1,8 @@
 """SAM's ‖g‖ under sharded gradients (FSDP): two real processes (gloo, CPU), each holding a
 disjoint half of the gradient, perturb by the ε of the whole gradient, the same on both.
 
-FSDP itself is not started here: what SAM depends on is that each rank's ``.grad`` is a shard,
-and that is what the two processes are given."""
+Here the shards are plain tensors (FSDP1's flat shards) handed to the two processes;
+``tests/test_sam_fsdp.py`` runs the whole NPO+SAM step under FSDP2 (DTensor shards)."""
 
 from __future__ import annotations
 
@@ -94,3 +94,19 @@ def test_only_fsdp_counts_as_sharded():
     assert not gradients_are_sharded(View(DistributedType.MULTI_CPU, 2))  # DDP: whole gradients
     assert not gradients_are_sharded(View(DistributedType.FSDP, 1))
     assert not gradients_are_sharded(object())  # a plain stand-in: one process
+
+
+def test_a_training_the_main_process_runs_alone_is_not_sharded(monkeypatch):
+    # Under FSDP, a training started by the main process alone (inside from_main) holds whole
+    # gradients, and an all-reduce there would wait for processes that are not listening.
+    from accelerate.utils import DistributedType
+
+    import benchmarks.core.processes as processes
+
+    class View:
+        distributed_type, num_processes = DistributedType.FSDP, 2
+
+    monkeypatch.setattr(processes, "_alone", 1)
+    assert not gradients_are_sharded(View())
+    monkeypatch.setattr(processes, "_alone", 0)
+    assert gradients_are_sharded(View())

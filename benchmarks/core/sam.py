@@ -93,13 +93,60 @@ def _sum_of_squares(grads: Sequence[torch.Tensor], device: torch.device | None) 
     return torch.stack([torch.linalg.vector_norm(g.float()) ** 2 for g in grads]).sum()
 
 
+def _sharded_mesh_dims(grad) -> tuple[int, ...]:
+    """The mesh dimensions over which a DTensor gradient is split (FSDP2: ``Shard(0)`` on the
+    data-parallel dimension); empty for a replicated one."""
+    return tuple(i for i, placement in enumerate(grad.placements) if placement.is_shard())
+
+
+def squared_gradient_norm(grads: Sequence[torch.Tensor], sharded: bool = False,
+                          device: torch.device | None = None) -> torch.Tensor:
+    """‖g‖₂² of the whole gradient, the same number on every process.
+
+    Plain tensors are whole gradients, or, with ``sharded`` (FSDP1's flat shards), disjoint
+    pieces whose squares are summed over the default process group. FSDP2's gradients are
+    DTensors: each process sums the squares of its local shards and one all-reduce per mesh
+    dimension they are split over adds the other processes' shards (``dist.all_reduce`` on
+    the DTensor itself is not defined, and its replicated parts must not be counted twice).
+    """
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return _sum_of_squares(grads, device)
+    from torch.distributed.tensor import DTensor
+
+    plain = [g for g in grads if not isinstance(g, DTensor)]
+    total = _sum_of_squares(plain, device)
+    if sharded and plain and len(plain) == len(grads):
+        # FSDP1. Beside DTensor shards (FSDP2), a plain gradient is one FSDP left whole.
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    # Grouped by mesh and split dimensions, in parameter order (the same on every process,
+    # so the all-reduces pair up).
+    groups: dict[tuple[int, tuple[int, ...]], tuple[Any, list[torch.Tensor]]] = {}
+    for g in grads:
+        if isinstance(g, DTensor):
+            key = (id(g.device_mesh), _sharded_mesh_dims(g))
+            groups.setdefault(key, (g.device_mesh, []))[1].append(g.to_local())
+    for (_, dims), (mesh, local_shards) in groups.items():
+        part = _sum_of_squares(local_shards, device).to(total.device)
+        for dim in dims:
+            dist.all_reduce(part, op=dist.ReduceOp.SUM, group=mesh.get_group(dim))
+        total = total + part
+    return total
+
+
 def gradients_are_sharded(accelerator) -> bool:
-    """Whether each process holds only a shard of every gradient (FSDP), so that ‖g‖ needs a
-    sum over processes; under DDP every process holds the whole all-reduced gradient."""
+    """Whether each process holds only a plain-tensor shard of every gradient (FSDP), so that
+    ‖g‖ needs a sum over processes; under DDP every process holds the whole all-reduced
+    gradient, and a training the main process runs alone (``running_alone``) shards nothing.
+    FSDP2's DTensor gradients say so themselves (:func:`squared_gradient_norm`)."""
     from accelerate.utils import DistributedType
 
+    from benchmarks.core.processes import running_alone
+
     distributed = getattr(accelerator, "distributed_type", DistributedType.NO)
-    return distributed == DistributedType.FSDP and getattr(accelerator, "num_processes", 1) > 1
+    return (distributed == DistributedType.FSDP and getattr(accelerator, "num_processes", 1) > 1
+            and not running_alone())
 
 
 @torch.no_grad()
@@ -108,19 +155,16 @@ def perturb(params: Sequence[torch.nn.Parameter], rho: float, sharded: bool = Fa
     and clear ``.grad`` for the second pass.
 
     ‖g‖₂ is the global norm over all trainable parameters (one vector, as in the paper). With
-    ``sharded`` (FSDP: each process holds a disjoint shard of the gradient) the squared norms
-    of the shards are summed over processes first, so every process perturbs by the same ε,
-    the one of the whole gradient.
+    ``sharded`` (FSDP1: each process holds a disjoint plain-tensor shard of the gradient), or
+    for FSDP2's DTensor gradients, the squared norms of the shards are summed over processes
+    first, so every process perturbs its shard by the same ε, the one of the whole gradient
+    (:func:`squared_gradient_norm`); the shards are moved in place.
     A zero gradient (or ρ = 0) gives ε = 0 rather than a division by zero. Trainable
     parameters that are not float32 are refused (:class:`~benchmarks.core.precision.PrecisionError`).
     """
     check_trainable(params, "SAM's perturbation")
     grads = [p.grad for p in params if p.grad is not None]
-    squares = _sum_of_squares(grads, params[0].device if params else None)
-    if sharded:
-        import torch.distributed as dist
-
-        dist.all_reduce(squares, op=dist.ReduceOp.SUM)
+    squares = squared_gradient_norm(grads, sharded, params[0].device if params else None)
     grad_norm = float(squares.sqrt())
     scale = rho / grad_norm if rho > 0 and grad_norm > 0 and math.isfinite(grad_norm) else 0.0
     saved = [p.detach().clone() for p in params]

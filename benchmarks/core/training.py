@@ -268,6 +268,9 @@ def _train(model, batches, step_fn, config, trainable, accelerator, *, hook, hoo
         model.to(accelerator.device)  # one process on its own: no DDP, whose set-up is collective
     else:
         model, optimizer, batches = accelerator.prepare(model, optimizer, batches)
+        # FSDP2 replaces every parameter by a sharded DTensor one (and accelerate points the
+        # optimizer at those): the clip below must see the new ones, not the list taken before.
+        trainable = [p for group in optimizer.param_groups for p in group["params"]]
     if config.max_steps is not None:
         total_steps = config.max_steps
     else:
