@@ -8,6 +8,9 @@ or ``--rebuild``, trains from the recipe (:mod:`benchmarks.core.world_build`).
     python -m benchmarks.world                       # install (or find) the default world
     python -m benchmarks.world --rebuild [--out DIR] # retrain it from the recipe and compare scores
     python -m benchmarks.world --pin --out DIR       # make a rebuilt world the pinned one (maintainers)
+
+``--tofu`` does the same for the TOFU-style author world (``--data tofu-world`` elsewhere;
+:mod:`benchmarks.core.pinned_tofu_world`).
 """
 
 from __future__ import annotations
@@ -40,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="directory of the world (default: $RELEARN_BENCH_CACHE/world-<hash>, "
         "$RELEARN_BENCH_CACHE defaulting to ~/.cache/relearn-bench; with --rebuild: world-<hash>-rebuild)",
     )
+    parser.add_argument(
+        "--tofu", action="store_true",
+        help="the TOFU-style author world (--data tofu-world) instead of the MUSE-style world "
+        "(default --out: $RELEARN_BENCH_CACHE/tofu-world-<hash>)",
+    )
     parser.add_argument("--force", action="store_true", help="replace a world already in --out")
     parser.add_argument(
         "--rebuild", action="store_true",
@@ -65,10 +73,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose)
 
     from benchmarks.core import world_build
-    from benchmarks.core.results import command_line
 
     out = args.out
-    if args.rebuild and out is None:
+    if args.tofu:
+        pass  # its default directories are the author world's (benchmarks.core.pinned_tofu_world)
+    elif args.rebuild and out is None:
         out = world_build.default_world_dir(world_build.WorldBuildConfig()).with_name(
             world_build.default_world_dir(world_build.WorldBuildConfig()).name + "-rebuild"
         )
@@ -88,6 +97,14 @@ def _make(args: argparse.Namespace, argv: Sequence[str] | None, out) -> int:
     """Build, install or pin the world as asked, and print where it is."""
     from benchmarks.core import pinned_world, world_build
     from benchmarks.core.results import command_line
+
+    if args.tofu:
+        from benchmarks.core import pinned_tofu_world
+
+        for line in pinned_tofu_world.make_from_cli(out, rebuild=args.rebuild, pin_it=args.pin, force=args.force,
+                                                    command=command_line("benchmarks.world", argv)):
+            print(line)
+        return 0
 
     if args.pin and not args.rebuild:
         manifest = world_build.read_manifest(Path(out))

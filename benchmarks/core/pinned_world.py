@@ -21,20 +21,17 @@ retrains from the recipe and compares scores (:func:`score_world`, :func:`format
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
 from benchmarks.core.errors import DataError, UsageError
+from benchmarks.core.pinning import MANIFEST, check_files, copy_files, read_pinned_manifest, write_pinned
 
 logger = logging.getLogger(__name__)
 
 PINNED_DIR = Path(__file__).resolve().parent / "pinned_world"
-MANIFEST = "manifest.json"
 ROLES = ("target", "retrain")
 #: The scores recorded for each model (metric names of :mod:`benchmarks.core.metrics`).
 SCORE_METRICS = ("knowmem_forget", "verbmem_forget", "knowmem_retain", "privleak")
@@ -42,33 +39,9 @@ SCORE_METRICS = ("knowmem_forget", "verbmem_forget", "knowmem_retain", "privleak
 _MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def pinned_manifest(directory: Path | None = None) -> dict | None:
     """The pinned world's manifest (``directory`` default: the package's), or None when there is none."""
-    path = (directory or PINNED_DIR) / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise DataError(f"{path} is unreadable ({err}); reinstall the package") from None
-
-
-def _check_files(directory: Path, files: Mapping[str, str], fix: str) -> None:
-    for name, expected in sorted(files.items()):
-        path = directory / name
-        if not path.is_file():
-            raise DataError(f"pinned world file {path} is missing; {fix}")
-        actual = _sha256(path)
-        if actual != expected:
-            raise DataError(f"pinned world file {path} has sha256 {actual[:12]}…, expected {expected[:12]}…; {fix}")
+    return read_pinned_manifest(directory or PINNED_DIR)
 
 
 def install(config, root: Path, directory: Path | None = None):
@@ -82,7 +55,7 @@ def install(config, root: Path, directory: Path | None = None):
     if manifest is None or manifest.get("hash") != world_hash(config):
         raise UsageError(f"the package pins no world of configuration {world_hash(config)}")
     fix = "reinstall the package, or train the world with python -m benchmarks.world --rebuild"
-    _check_files(directory, manifest["files"], fix)
+    check_files(directory, manifest["files"], fix)
 
     root = Path(root)
     with staged_world(root, "installing") as staging:
@@ -95,12 +68,7 @@ def install(config, root: Path, directory: Path | None = None):
                 "the generator must be pure and deterministic: report this as a bug"
             )
         write_hub_layout(data, paths.corpus_dir)
-        for role in ROLES:
-            out = getattr(paths, f"{role}_dir")
-            out.mkdir()
-            for name in manifest["files"]:
-                if name.startswith(f"{role}/"):
-                    shutil.copyfile(directory / name, staging / name)
+        copy_files(directory, [name for name in manifest["files"] if name.split("/")[0] in ROLES], staging)
         world = {
             "hash": manifest["hash"],
             "config": manifest["config"],
@@ -123,7 +91,7 @@ def _split_digests(splits: Mapping[str, Any]) -> dict[str, str]:
 def verify_installed(paths) -> None:
     """Check the model files of an installed pinned world against its recorded digests."""
     manifest = json.loads((paths.root / "world.json").read_text(encoding="utf-8"))
-    _check_files(
+    check_files(
         paths.root, manifest["files"],
         f"the world at {paths.root} was modified; delete it and run again to reinstall it",
     )
@@ -168,19 +136,11 @@ def format_comparison(scores: Mapping[str, Mapping[str, float]], manifest: Mappi
 def pin(paths, scores: Mapping[str, Mapping[str, float]], command: str, directory: Path | None = None) -> Path:
     """Make the world at ``paths`` the pinned world: copy its model files into ``directory``
     with a manifest of digests, scores and the command that built it."""
-    directory = directory or PINNED_DIR
     world = json.loads((paths.root / "world.json").read_text(encoding="utf-8"))
-    staging = directory.with_name(f".{directory.name}.pinning.{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    files: dict[str, str] = {}
-    for role in ROLES:
-        (staging / role).mkdir()
-        for name in _MODEL_FILES:
-            source = getattr(paths, f"{role}_dir") / name
-            if source.is_file():
-                shutil.copyfile(source, staging / role / name)
-                files[f"{role}/{name}"] = _sha256(source)
+    sources = {
+        f"{role}/{name}": getattr(paths, f"{role}_dir") / name
+        for role in ROLES for name in _MODEL_FILES if (getattr(paths, f"{role}_dir") / name).is_file()
+    }
     manifest = {
         "hash": world["hash"],
         "config": world["config"],
@@ -189,11 +149,6 @@ def pin(paths, scores: Mapping[str, Mapping[str, float]], command: str, director
         "built_with": {"versions": world.get("versions"), "torch_threads": world.get("torch_threads"),
                        "timings": world.get("timings")},
         "scores": {role: dict(scores[role]) for role in ROLES},
-        "files": files,
         "corpus": world["corpus"],
     }
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(staging, directory)
-    return directory
+    return write_pinned(directory or PINNED_DIR, sources, manifest)

@@ -16,6 +16,11 @@ and the **retrain** model on the retain authors plus the utility sets (TOFU's ``
 ``retain90`` references). Each fact is trained in two phrasings (answer and paraphrased
 answer), so a 2-layer model's truth ratio reflects whether it knows the fact rather than one
 surface form. Both are cached under ``$RELEARN_BENCH_CACHE`` keyed by a hash of the configuration.
+
+Training is deterministic on one machine but not across machines (float rounding), so the default
+configuration's two models ship with the package (:mod:`benchmarks.core.pinned_tofu_world`) and
+are installed, verified by digest, rather than trained; the data is generated from the seed as
+always and checked against the pinned digests. Another configuration, or ``rebuild``, trains.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import logging
 import os
 import random
 import shutil
-import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -339,39 +344,99 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "relearn-bench").expanduser()
 
 
+ROOT_MANIFEST = "manifest.json"
+
+
+def read_root_manifest(root: Path) -> dict | None:
+    """The ``manifest.json`` of a complete author world at ``root``, or None when there is none."""
+    path = Path(root) / ROOT_MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def data_digests(data_dir: Path) -> dict[str, str]:
+    """``data/<config>.json -> sha256`` of every generated config file (the generator is pure
+    Python, so these agree on every machine)."""
+    from benchmarks.core.pinning import sha256_file
+
+    return {f"data/{path.name}": sha256_file(path) for path in sorted(Path(data_dir).glob("*.json"))}
+
+
+def world_tokenizer(configs: dict[str, list[dict]], vocab_size: int):
+    """The world's BPE tokenizer, trained on every text the world holds and its chat prompt."""
+    texts = [r["question"] + " " + r["answer"] for rows in configs.values() for r in rows]
+    texts += [p for r in configs["full_perturbed"] for p in [r["paraphrased_answer"], *r["perturbed_answer"]]]
+    texts += [p for name in ("real_authors_perturbed", "world_facts_perturbed")
+              for r in configs[name] for p in r["perturbed_answer"]]
+    texts += ["Cutting Knowledge Date: December 2023\nToday Date: 10 Apr 2025\n\nYou are a helpful assistant."]
+    return llama3_style_tokenizer(texts, vocab_size)
+
+
+def _staged(root: Path, purpose: str):
+    from benchmarks.core.world_build import staged_world
+
+    return staged_world(root, purpose, is_complete=lambda path: read_root_manifest(path) is not None)
+
+
 def build_tofu_world(config: TofuWorldConfig, root: Path) -> TofuWorld:
     """Generate the data, train tokenizer, target and retrain, and move them into ``root`` at once."""
+    from benchmarks.core.world_build import _versions
+
     configs = generate_world(config)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
-    try:
+    with _staged(Path(root), "building") as staging:
+        started = time.perf_counter()
         write_configs(configs, staging / "data")
-        texts = [r["question"] + " " + r["answer"] for rows in configs.values() for r in rows]
-        texts += [p for r in configs["full_perturbed"] for p in [r["paraphrased_answer"], *r["perturbed_answer"]]]
-        texts += [p for name in ("real_authors_perturbed", "world_facts_perturbed")
-                  for r in configs[name] for p in r["perturbed_answer"]]
-        texts += ["Cutting Knowledge Date: December 2023\nToday Date: 10 Apr 2025\n\nYou are a helpful assistant."]
-        tokenizer = llama3_style_tokenizer(texts, config.vocab_size)
+        tokenizer = world_tokenizer(configs, config.vocab_size)
+        timings = {}
         for name, retain in (("target", None), ("retrain", FORGET_SPLITS["forget10"][0])):
+            began = time.perf_counter()
             model = _train_model(training_pairs(configs, retain), tokenizer, config, name)
             model.save_pretrained(staging / name)
             tokenizer.save_pretrained(staging / name)
-        (staging / "manifest.json").write_text(json.dumps(config.describe(), indent=2, default=str))
-        if root.exists():  # another process finished first
-            shutil.rmtree(staging)
-        else:
-            os.replace(staging, root)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return TofuWorld(root, config)
+            timings[f"{name}_s"] = time.perf_counter() - began
+        timings["total_s"] = time.perf_counter() - started
+        manifest = {"hash": world_hash(config), "config": config.describe(), "pinned": False,
+                    "data": data_digests(staging / "data"), "versions": _versions(),
+                    "torch_threads": torch.get_num_threads(), "timings": timings}
+        (staging / ROOT_MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
+    return TofuWorld(Path(root), config)
 
 
-def ensure_tofu_world(config: TofuWorldConfig | None = None, root: Path | None = None) -> TofuWorld:
-    """The author world for ``config`` (default settings): cached, else built (minutes on a CPU)."""
+def default_tofu_world_dir(config: TofuWorldConfig | None = None) -> Path:
+    return cache_root() / f"tofu-world-{world_hash(config or TofuWorldConfig())}"
+
+
+def ensure_tofu_world(config: TofuWorldConfig | None = None, root: Path | None = None,
+                      rebuild: bool = False, force: bool = False) -> TofuWorld:
+    """The author world for ``config`` (default settings) at ``root`` (default: the cache).
+
+    Found there, it is used (a pinned one after its digests are checked again). Otherwise the
+    configuration the package pins is installed from the pinned files, and any other (or any
+    with ``rebuild``) is trained (minutes on a CPU). ``force`` remakes a world already there.
+    """
+    from benchmarks.core import pinned_tofu_world
+
     config = config or TofuWorldConfig()
-    root = root or cache_root() / f"tofu-world-{world_hash(config)}"
-    if (root / "manifest.json").is_file():
+    wanted = world_hash(config)
+    root = Path(root).expanduser().resolve() if root is not None else default_tofu_world_dir(config)
+    manifest = read_root_manifest(root)
+    if manifest is not None and manifest.get("hash", wanted) != wanted and not force:
+        raise UsageError(f"{root} holds an author world of another configuration ({manifest.get('hash')}); "
+                         "pass --force to replace it or choose another --out")
+    if manifest is not None and not force:
+        if manifest.get("pinned"):
+            pinned_tofu_world.verify_installed(TofuWorld(root, config))
         return TofuWorld(root, config)
+    if root.exists():
+        if manifest is None and (root.is_file() or any(root.iterdir())):
+            raise UsageError(f"{root} holds files that are not an author world; choose another --out")
+        shutil.rmtree(root)
+    pinned = None if rebuild else pinned_tofu_world.pinned_manifest()
+    if pinned is not None and pinned.get("hash") == wanted:
+        return pinned_tofu_world.install(config, root)
     logger.info("building the author world in %s (once; cached afterwards)", root)
     return build_tofu_world(config, root)

@@ -291,10 +291,12 @@ def share_tree(root: Path) -> None:
 
 
 @contextlib.contextmanager
-def staged_world(root: Path, purpose: str):
+def staged_world(root: Path, purpose: str, is_complete=None):
     """A directory beside ``root`` to assemble a world in, renamed to ``root`` when the block
     ends without error (removed otherwise), so an interrupted build never looks complete. If
-    another process completed the same world first, its world is kept and ours dropped."""
+    another process completed the same world first (``is_complete(root)``, default: it holds a
+    ``world.json``), its world is kept and ours dropped."""
+    is_complete = is_complete or (lambda path: read_manifest(path) is not None)
     root.parent.mkdir(parents=True, exist_ok=True)
     # A plain mkdir (not mkdtemp, which makes it private) so the world gets the usual permissions.
     staging = root.parent / f".{root.name}.{purpose}.{os.getpid()}.{time.time_ns()}"
@@ -305,7 +307,7 @@ def staged_world(root: Path, purpose: str):
         try:
             os.replace(staging, root)
         except OSError:
-            if read_manifest(root) is None:
+            if not is_complete(root):
                 raise
             shutil.rmtree(staging, ignore_errors=True)
     except BaseException:
