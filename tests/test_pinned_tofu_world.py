@@ -140,8 +140,10 @@ def test_a_modified_installed_world_is_refused_on_use(small_pinned, tmp_path, mo
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    os.environ.get("RELEARN_BENCH_REBUILD_TEST") != "1",
-    reason="retrains the default author world from its recipe (minutes); set RELEARN_BENCH_REBUILD_TEST=1 (CI does)",
+    # Its own switch: CI runs the MUSE-style world's rebuild check, and this one (6-7 minutes on
+    # 2 cores) would take CI past its 15-minute budget.
+    os.environ.get("RELEARN_BENCH_TOFU_REBUILD_TEST") != "1",
+    reason="retrains the default author world from its recipe (6-7 min); set RELEARN_BENCH_TOFU_REBUILD_TEST=1",
 )
 def test_a_rebuild_reaches_the_pinned_operating_point(tmp_path):
     manifest = pinned_tofu_world.pinned_manifest()
