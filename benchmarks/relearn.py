@@ -737,7 +737,8 @@ def _memory_estimate(plan: Plan) -> dict | str:
         reference = defense.needs_reference_model or (defense.uses_retain and defense.retain_term.needs_reference_model)
         trainings[f"defense {role.defense}"] = (None, TrainingShape(
             settings["batch_size"], settings["max_length"], settings["mixed_precision"], plan.gradient_checkpointing,
-            sam=float(settings.get("sam_rho", 0) or 0) > 0, reference_model=reference))
+            sam=float(settings.get("sam_rho", 0) or 0) > 0, reference_model=reference,
+            kept_epoch_copy=settings["epochs"] > 1))  # the epoch selection's copy (benchmarks.core.unlearning)
     return memory_estimate(_estimate_ref(plan), trainings, weight_bytes=2 if plan.dtype == "bfloat16" else 4)
 
 

@@ -168,6 +168,8 @@ def build_parser(registry=None) -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     run.add_argument("--gradient-checkpointing", action="store_true",
                      help="recompute activations in the backward pass (less memory, same numbers)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print the settled settings and the estimated peak memory per device, load nothing")
     run.add_argument("--progress", action="store_true", help="show a progress bar")
     run.add_argument("--verbose", action="store_true", help="debug logging")
     return parser
@@ -281,10 +283,26 @@ def _print_table(outcome: UnlearnOutcome, references: Mapping[str, Mapping[str, 
     print(tabulate(rows, headers=["", *metrics, "mean loss", ""], floatfmt=".2f"))
 
 
+def _print_plan(request: Request, args: argparse.Namespace) -> None:
+    import yaml
+
+    from benchmarks.core.unlearning import unlearn_plan
+
+    plan = unlearn_plan(model_ref=request.model_ref, data=request.data, preset=request.preset,
+                        defense=request.defense, config=request.config, dtype=args.dtype,
+                        gradient_checkpointing=args.gradient_checkpointing, evaluation=request.evaluation,
+                        out=request.out)
+    print("dry run: nothing was loaded.")
+    print(yaml.safe_dump(plan, sort_keys=False, width=110, allow_unicode=True), end="")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     request = plan_request(args)
+    if args.dry_run:
+        _print_plan(request, args)
+        return 0
     from benchmarks.core.results import command_line
 
     command = command_line("benchmarks.unlearn", argv)

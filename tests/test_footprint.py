@@ -91,3 +91,48 @@ def test_dry_run_prints_memory_and_checkpoint_size(llama_dir, capsys, monkeypatc
     assert "sam_copy" in memory["defense npo_sam"]["1 GPU parts"]
     params = model_size(str(llama_dir)).parameters
     assert f"{params:,} trainable parameters" in plan["output"]["checkpoint"]
+
+
+def test_the_kept_epoch_copy_is_host_memory():
+    class Config:
+        hidden_size, num_attention_heads, num_key_value_heads, intermediate_size = 64, 4, 4, 256
+        num_hidden_layers, vocab_size = 2, 300
+
+    size = ModelSize(parameters=1000, trainable=1000, config=Config())
+    plain = TrainingShape(micro_batch=1, max_length=8)
+    kept = TrainingShape(micro_batch=1, max_length=8, kept_epoch_copy=True)
+    assert estimate_peak_bytes(size, kept)["kept_epoch_copy"] == 4000  # the weights, once
+    assert estimate_peak_bytes(size, kept)["total"] == estimate_peak_bytes(size, plain)["total"]  # not on a GPU
+    assert estimate_peak_bytes(size, kept, on_cpu=True)["total"] == estimate_peak_bytes(size, plain)["total"] + 4000
+    assert estimate_peak_bytes(size, kept, weight_bytes=2, on_cpu=True)["kept_epoch_copy"] == 2000
+
+
+def test_unlearn_dry_run_sizes_the_defense_and_the_kept_epoch(llama_dir, capsys, monkeypatch, tmp_path):
+    from benchmarks import unlearn
+
+    import benchmarks.core.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    monkeypatch.setenv("RELEARN_BENCH_CACHE", str(tmp_path / "cache"))
+    args = ["--model", str(llama_dir), "--data", "world", "--defense", "npo_sam", "--out", str(tmp_path / "out"),
+            "--batch-size", "2", "--max-length", "64", "--dry-run"]
+    memory = {}
+    for epochs in ("1", "3"):
+        assert unlearn.main(args + ["--epochs", epochs]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith("dry run: nothing was loaded.")
+        plan = yaml.safe_load(out.split("\n", 1)[1])
+        assert plan["training"]["epochs"] == int(epochs) and plan["defense"]["sam_rho"] == 0.01
+        memory[epochs] = plan["memory_per_device"]["defense npo_sam"]
+    assert not (tmp_path / "out").exists()
+    size = model_size(str(llama_dir))
+    shape = TrainingShape(2, 64, sam=True)
+    expected = estimate_peak_bytes(size, shape, on_cpu=True)["total"]
+    from benchmarks.core.checkpoints import format_bytes
+
+    assert memory["1"]["1 CPU process"] == memory["1"]["1 GPU"] == format_bytes(expected)
+    assert "sam_copy" in memory["1"]["1 GPU parts"] and "host memory besides" not in memory["1"]
+    # three epochs: the selection keeps a copy of the weights while later epochs train (on the host)
+    assert memory["3"]["1 GPU"] == memory["1"]["1 GPU"]
+    assert memory["3"]["1 CPU process"] == format_bytes(expected + 4 * size.parameters)
+    assert "kept_epoch_copy" in memory["3"]["host memory besides"]

@@ -54,6 +54,9 @@ class TrainingShape:
     gradient_checkpointing: bool = False
     sam: bool = False  # SAM keeps a copy of the trainable weights during its second pass
     reference_model: bool = False  # a frozen copy of the model (KL retain term, MUSE NPO)
+    # benchmarks.unlearn's epoch selection keeps a CPU copy of the weights of the epoch it may
+    # return, while the later epochs train: host memory (on a GPU, not the device's)
+    kept_epoch_copy: bool = False
 
 
 def _activation_elements_per_token_per_layer(config) -> int:
@@ -68,8 +71,12 @@ def _activation_elements_per_token_per_layer(config) -> int:
     return 6 * hidden + 2 * kv * head_dim + 4 * intermediate
 
 
+#: Parts held in host memory, not on the device: counted in a CPU process's total only.
+HOST_PARTS = ("kept_epoch_copy",)
+
+
 def estimate_peak_bytes(size: ModelSize, shape: TrainingShape, weight_bytes: int = 4, processes: int = 1,
-                        sharded: bool = False) -> dict[str, int]:
+                        sharded: bool = False, on_cpu: bool = False) -> dict[str, int]:
     """Approximate peak memory of one training process, by component, in bytes.
 
     Weights in ``weight_bytes`` each; float32 gradients and AdamW's two float32 moments for the
@@ -79,7 +86,9 @@ def estimate_peak_bytes(size: ModelSize, shape: TrainingShape, weight_bytes: int
     backward phase (activations and logits) and the optimizer step, which never coexist.
     ``processes`` > 1 with ``sharded``
     (FSDP full shard) divides weights, gradients, optimizer state and SAM's copy among them;
-    without it (DDP) every process holds them all, plus DDP's gradient buckets.
+    without it (DDP) every process holds them all, plus DDP's gradient buckets. ``on_cpu``: the
+    device is the host, so the host-memory parts (:data:`HOST_PARTS`: the kept epoch's weights
+    of an unlearning run, held by the main process) count in the total too.
     """
     config = size.config
     tokens = shape.micro_batch * shape.max_length
@@ -105,9 +114,11 @@ def estimate_peak_bytes(size: ModelSize, shape: TrainingShape, weight_bytes: int
     }
     if processes > 1 and not sharded:
         parts["ddp_buckets"] = size.trainable * 4
+    parts["kept_epoch_copy"] = size.parameters * weight_bytes if shape.kept_epoch_copy else 0
     # Activations and logits are gone before the optimizer steps: the peak is the larger phase.
     phases = max(parts["activations"] + parts["logits"], parts["optimizer_step"])
-    parts["total"] = sum(v for k, v in parts.items() if k not in ("activations", "logits", "optimizer_step")) + phases
+    skipped = ("activations", "logits", "optimizer_step") + (() if on_cpu else HOST_PARTS)
+    parts["total"] = sum(v for k, v in parts.items() if k not in skipped) + phases
     return parts
 
 
@@ -137,13 +148,19 @@ def memory_estimate(ref: str | None, trainings: dict[str, tuple[Callable | None,
     if full is None:
         return "unknown: the model's config is not readable now (a hub id not in the local cache, or an unbuilt world)"
     out: dict = {"note": "estimate: weights, float32 gradients, AdamW moments and step temporaries, SAM's copy, "
-                         "reference model, activations at the maximum length, logits and their gradient"}
+                         "reference model, activations at the maximum length, logits and their gradient; "
+                         "on a CPU also what the run keeps in host memory (the kept epoch's weights); "
+                         "not the Python process itself (libraries, data, tokenizer)"}
     for name, (prepare, shape) in trainings.items():
         size = model_size(ref, prepare) if prepare is not None else full
-        cases = {"1 GPU": estimate_peak_bytes(size, shape, weight_bytes),
+        cases = {"1 CPU process": estimate_peak_bytes(size, shape, weight_bytes, on_cpu=True),
+                 "1 GPU": estimate_peak_bytes(size, shape, weight_bytes),
                  f"{gpus} GPUs DDP": estimate_peak_bytes(size, shape, weight_bytes, gpus),
                  f"{gpus} GPUs FSDP": estimate_peak_bytes(size, shape, weight_bytes, gpus, sharded=True)}
         out[name] = {case: format_bytes(parts["total"]) for case, parts in cases.items()}
         out[name]["1 GPU parts"] = ", ".join(f"{k} {format_bytes(v)}" for k, v in cases["1 GPU"].items()
-                                            if v and k != "total")
+                                            if v and k != "total" and k not in HOST_PARTS)
+        host = {k: v for k, v in cases["1 GPU"].items() if k in HOST_PARTS and v}
+        if host:
+            out[name]["host memory besides"] = ", ".join(f"{k} {format_bytes(v)}" for k, v in host.items())
     return out

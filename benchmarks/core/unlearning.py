@@ -273,7 +273,9 @@ class _EpochSelector:
 
 
 def _cpu_state(model) -> dict:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    from benchmarks.core.checkpoints import cpu_copy
+
+    return cpu_copy(model.state_dict())  # tied weights copied once
 
 
 def _fmt(scores: Mapping[str, float]) -> str:
@@ -374,6 +376,47 @@ def unlearn(
     else:
         outcome.selection = {"rule": "last epoch (no evaluation)", "selected_epoch": config.epochs}
     return outcome
+
+
+def defense_training_shape(defense, config: UnlearnConfig, gradient_checkpointing: bool = False):
+    """What sets the memory of ``defense``'s training under ``config`` (for ``--dry-run``):
+    its micro-batch and length, precision, SAM's saved copy, and a frozen reference model."""
+    from benchmarks.core.footprint import TrainingShape
+
+    reference = defense.needs_reference_model or (defense.uses_retain and defense.retain_term.needs_reference_model)
+    return TrainingShape(config.batch_size, config.max_length, config.mixed_precision, gradient_checkpointing,
+                         sam=float(getattr(defense.config, "sam_rho", 0) or 0) > 0, reference_model=reference)
+
+
+def unlearn_plan(*, model_ref: str | None, data: str, preset: str, defense, config: UnlearnConfig, dtype: str,
+                 gradient_checkpointing: bool, evaluation: EvalPlan | None, out: Path) -> dict[str, Any]:
+    """What ``benchmarks.unlearn`` will do, settled and sized before anything loads (its
+    ``--dry-run``): settings, the output, and the estimated peak memory per device."""
+    from benchmarks.core.footprint import memory_estimate
+
+    if model_ref is None:  # the world's target: sized from its config once the world is installed
+        from benchmarks.core.world_build import WorldBuildConfig, default_world_dir
+
+        target = default_world_dir(WorldBuildConfig()) / "target"
+        ref = str(target) if (target / "config.json").exists() else None
+    else:
+        ref = model_ref
+    # The kept epoch's weights outlive it only when another epoch trains after it.
+    shape = replace(defense_training_shape(defense, config, gradient_checkpointing),
+                    kept_epoch_copy=evaluation is not None and config.epochs > 1)
+    memory = memory_estimate(ref, {f"defense {defense.name}": (None, shape)},
+                             weight_bytes=2 if dtype == "bfloat16" else 4)
+    return {
+        "model": {"id": model_ref or "world/target", "dtype": dtype},
+        "data": data,
+        "preset": preset,
+        "defense": defense.describe(),
+        "training": {**asdict(config), "gradient_checkpointing": gradient_checkpointing},
+        "evaluation": ({"metrics": list(evaluation.metrics), "batch_size": evaluation.batch_size}
+                       if evaluation is not None else "off (last epoch kept)"),
+        "output": str(out),
+        "memory_per_device": memory,
+    }
 
 
 def _seen_through(defense, epoch_hook):
