@@ -136,3 +136,9 @@ def test_unlearn_dry_run_sizes_the_defense_and_the_kept_epoch(llama_dir, capsys,
     assert memory["3"]["1 GPU"] == memory["1"]["1 GPU"]
     assert memory["3"]["1 CPU process"] == format_bytes(expected + 4 * size.parameters)
     assert "kept_epoch_copy" in memory["3"]["host memory besides"]
+    assert unlearn.main(args + ["--max-steps", "2"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out.split("\n", 1)[1])["training"]["max_steps"] == 2
+    from benchmarks.core.errors import UsageError
+
+    with pytest.raises(UsageError, match="--max-steps must be >= 1, got 0"):
+        unlearn.main(args + ["--max-steps", "0"])

@@ -293,10 +293,13 @@ def unlearn(
     accelerator=None,
     progress: bool = False,
     gradient_checkpointing: bool = False,
+    max_steps: int | None = None,
 ) -> UnlearnOutcome:
     """Unlearn ``data``'s raw/forget split from ``model`` with ``defense`` (retain term on
     raw/retain1), in place. With ``evaluation``, the weights left in ``model`` are those of the
-    selected epoch. A non-finite loss ends the run with ``status == "diverged"``."""
+    selected epoch. A non-finite loss ends the run with ``status == "diverged"``. ``max_steps``
+    stops the training after that many optimizer steps, wherever the epoch is (a smoke test or
+    a memory rehearsal of a large model, not an unlearning to keep); the file records it."""
     import torch
 
     from benchmarks.core.models import context_length
@@ -333,6 +336,10 @@ def unlearn(
         "examples_per_step": config.batch_size * config.grad_accum * accelerator.num_processes,
         "steps_per_epoch": steps_per_epoch(micro_batches, config.grad_accum),
     }
+    if max_steps is not None:  # never more than the epochs would take (max_steps cycles the data)
+        outcome.training["max_steps"] = max_steps
+        train_config = replace(train_config, max_steps=min(
+            max_steps, config.epochs * outcome.training["steps_per_epoch"]))
 
     torch.manual_seed(config.seed)
     model.to(accelerator.device)
@@ -389,7 +396,8 @@ def defense_training_shape(defense, config: UnlearnConfig, gradient_checkpointin
 
 
 def unlearn_plan(*, model_ref: str | None, data: str, preset: str, defense, config: UnlearnConfig, dtype: str,
-                 gradient_checkpointing: bool, evaluation: EvalPlan | None, out: Path) -> dict[str, Any]:
+                 gradient_checkpointing: bool, evaluation: EvalPlan | None, out: Path,
+                 max_steps: int | None = None) -> dict[str, Any]:
     """What ``benchmarks.unlearn`` will do, settled and sized before anything loads (its
     ``--dry-run``): settings, the output, and the estimated peak memory per device."""
     from benchmarks.core.footprint import memory_estimate
@@ -411,7 +419,8 @@ def unlearn_plan(*, model_ref: str | None, data: str, preset: str, defense, conf
         "data": data,
         "preset": preset,
         "defense": defense.describe(),
-        "training": {**asdict(config), "gradient_checkpointing": gradient_checkpointing},
+        "training": {**asdict(config), "gradient_checkpointing": gradient_checkpointing,
+                     **({"max_steps": max_steps} if max_steps is not None else {})},
         "evaluation": ({"metrics": list(evaluation.metrics), "batch_size": evaluation.batch_size}
                        if evaluation is not None else "off (last epoch kept)"),
         "output": str(out),
