@@ -71,8 +71,9 @@ def test_fsdp_divides_the_states_and_ddp_adds_buckets():
     ddp = estimate_peak_bytes(size, shape, processes=4)
     assert ddp["total"] == one["total"] + 4000
     assert one["optimizer_step"] == 4000 and fsdp["optimizer_step"] == 1000
-    states = 4000 + 4000 + 8000 + 4000
-    assert one["total"] == states + max(one["activations"] + one["logits"], one["optimizer_step"])
+    states = 4000 + 4000 + 8000
+    # SAM's copy lives through the passes of a step, not through the optimizer's step
+    assert one["total"] == states + max(4000 + one["activations"] + one["logits"], one["optimizer_step"])
     checkpointed = estimate_peak_bytes(size, TrainingShape(1, 8, gradient_checkpointing=True))
     assert checkpointed["activations"] < one["activations"]
 

@@ -83,7 +83,8 @@ def estimate_peak_bytes(size: ModelSize, shape: TrainingShape, weight_bytes: int
     trainable parameters, and the temporaries of its step; SAM's saved copy; the reference model; the activations kept for the
     backward pass at ``max_length`` (only each layer's input with gradient checkpointing, plus
     one layer recomputed); the logits and their gradient. The total counts the larger of the
-    backward phase (activations and logits) and the optimizer step, which never coexist.
+    backward phase (activations and logits, and SAM's copy) and the optimizer step, which
+    never coexist.
     ``processes`` > 1 with ``sharded``
     (FSDP full shard) divides weights, gradients, optimizer state and SAM's copy among them;
     without it (DDP) every process holds them all, plus DDP's gradient buckets. ``on_cpu``: the
@@ -115,9 +116,11 @@ def estimate_peak_bytes(size: ModelSize, shape: TrainingShape, weight_bytes: int
     if processes > 1 and not sharded:
         parts["ddp_buckets"] = size.trainable * 4
     parts["kept_epoch_copy"] = size.parameters * weight_bytes if shape.kept_epoch_copy else 0
-    # Activations and logits are gone before the optimizer steps: the peak is the larger phase.
-    phases = max(parts["activations"] + parts["logits"], parts["optimizer_step"])
-    skipped = ("activations", "logits", "optimizer_step") + (() if on_cpu else HOST_PARTS)
+    # Activations and logits are gone before the optimizer steps, and so is SAM's copy of the
+    # weights (held from the ascent step through the step function's passes, dropped when it
+    # returns, benchmarks.core.sam): the peak is the larger phase.
+    phases = max(parts["sam_copy"] + parts["activations"] + parts["logits"], parts["optimizer_step"])
+    skipped = ("sam_copy", "activations", "logits", "optimizer_step") + (() if on_cpu else HOST_PARTS)
     parts["total"] = sum(v for k, v in parts.items() if k not in skipped) + phases
     return parts
 
