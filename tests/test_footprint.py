@@ -31,7 +31,9 @@ def test_sizes_from_the_config_match_the_loaded_model(llama_dir):
     assert full.parameters == full.trainable == sum(p.numel() for p in real.parameters())
     lora = make_attack("lora")
     adapted = model_size(str(llama_dir), lora.prepare)
-    assert adapted.trainable == sum(p.numel() for p in lora.prepare(real).parameters() if p.requires_grad)
+    assert full.largest == max(p.numel() for p in real.parameters())
+    trained = [p.numel() for p in lora.prepare(real).parameters() if p.requires_grad]
+    assert (adapted.trainable, adapted.largest) == (sum(trained), max(trained))
     assert model_size("no-such-owner/no-such-model") is None  # not in the cache: no network asked
 
 
@@ -143,3 +145,50 @@ def test_unlearn_dry_run_sizes_the_defense_and_the_kept_epoch(llama_dir, capsys,
 
     with pytest.raises(UsageError, match="--max-steps must be >= 1, got 0"):
         unlearn.main(args + ["--max-steps", "0"])
+
+
+def test_adamw_on_a_cpu_holds_two_temporaries_of_the_largest_tensor():
+    class Config:
+        hidden_size, num_attention_heads, num_key_value_heads, intermediate_size = 64, 4, 4, 256
+        num_hidden_layers, vocab_size = 2, 300
+
+    size = ModelSize(parameters=1000, trainable=1000, config=Config(), largest=300)
+    shape = TrainingShape(micro_batch=1, max_length=8)
+    assert estimate_peak_bytes(size, shape)["optimizer_step"] == 4000  # foreach: sqrt(v) of all at once
+    assert estimate_peak_bytes(size, shape, on_cpu=True)["optimizer_step"] == 2 * 300 * 4
+
+
+class Config:
+    hidden_size, num_attention_heads, num_key_value_heads, intermediate_size = 64, 4, 4, 256
+    num_hidden_layers, vocab_size = 2, 300
+
+
+def test_adamw_cpu_step_temporaries_are_what_the_estimate_says():
+    """torch's single-tensor AdamW (the CPU path): the peak above its state while stepping is
+    two temporaries of the largest parameter, as estimate_peak_bytes models it on a CPU."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    big, small = torch.nn.Parameter(torch.zeros(300_000)), torch.nn.Parameter(torch.zeros(1000))
+    optimizer = torch.optim.AdamW([big, small], lr=0.1)
+    assert optimizer.defaults["foreach"] is None  # the default: single-tensor on CPU tensors
+    for p in (big, small):
+        p.grad = torch.ones_like(p)
+    optimizer.step()  # creates the moments
+    live: dict[int, int] = {}  # tensors the step creates (not in-place results), while alive
+    peak = [0]
+
+    class Track(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and not func._schema.is_mutable:
+                live[id(out)] = out.numel() * out.element_size()
+                peak[0] = max(peak[0], sum(live.values()))
+                weakref.finalize(out, live.pop, id(out), None)
+            return out
+
+    with Track():
+        optimizer.step()
+    size = ModelSize(parameters=301_000, trainable=301_000, config=Config(), largest=300_000)
+    assert peak[0] == estimate_peak_bytes(size, TrainingShape(1, 8), on_cpu=True)["optimizer_step"] == 2 * 300_000 * 4

@@ -22,6 +22,7 @@ class ModelSize:
     parameters: int  # distinct parameters (tied embeddings counted once)
     trainable: int  # what the attack trains
     config: object  # the transformers config
+    largest: int = 0  # entries of the largest trainable tensor (0: unknown, taken as ``trainable``)
 
 
 def model_size(ref: str, prepare: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> ModelSize | None:
@@ -41,7 +42,8 @@ def model_size(ref: str, prepare: Callable[[torch.nn.Module], torch.nn.Module] |
         if prepare is not None:
             model = prepare(model)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return ModelSize(parameters=total, trainable=trainable, config=config)
+        largest = max((p.numel() for p in model.parameters() if p.requires_grad), default=0)
+    return ModelSize(parameters=total, trainable=trainable, config=config, largest=largest)
 
 
 @dataclass(frozen=True)
@@ -105,9 +107,11 @@ def estimate_peak_bytes(size: ModelSize, shape: TrainingShape, weight_bytes: int
         "weights": size.parameters * weight_bytes // share,
         "gradients": size.trainable * 4 // share,
         "optimizer": size.trainable * 8 // share,
-        # AdamW's step builds its denominator sqrt(v)/c + eps for every parameter at once with
-        # the foreach kernels (GPU), one parameter at a time otherwise: an upper bound on CPU.
-        "optimizer_step": size.trainable * 4 // share,
+        # AdamW's step builds its denominator sqrt(v)/c + eps: on a GPU with the foreach
+        # kernels, sqrt(v) for every parameter at once, divided in place; on a CPU (torch's
+        # single-tensor loop) one parameter at a time, but as two temporaries, sqrt(v) and
+        # sqrt(v)/c, so the largest tensor (a 128k-vocabulary embedding) counts twice.
+        "optimizer_step": (2 * (size.largest or size.trainable) * 4 if on_cpu else size.trainable * 4 // share),
         "sam_copy": size.trainable * 4 // share if shape.sam else 0,
         "reference_model": size.parameters * weight_bytes // share if shape.reference_model else 0,
         "activations": activations,

@@ -172,8 +172,9 @@ def main(batch: int, length: int, checkpointing: bool, mixed_precision: str) -> 
           TrainConfig(lr=1e-5, max_steps=2, progress=False, gradient_checkpointing=checkpointing,
                       mixed_precision=mixed_precision))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-    estimate = estimate_peak_bytes(ModelSize(params, params, config),
-                                   TrainingShape(batch, length, mixed_precision, checkpointing))
+    largest = max(p.numel() for p in model.parameters())
+    estimate = estimate_peak_bytes(ModelSize(params, params, config, largest),
+                                   TrainingShape(batch, length, mixed_precision, checkpointing), on_cpu=True)
     return {"parameters": params, "batch": batch, "length": length, "gradient_checkpointing": checkpointing,
             "mixed_precision": mixed_precision, "measured": format_bytes(peak),
             "estimate": format_bytes(estimate["total"]), "ratio": round(peak / estimate["total"], 3),
