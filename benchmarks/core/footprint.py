@@ -156,7 +156,8 @@ def memory_estimate(ref: str | None, trainings: dict[str, tuple[Callable | None,
         return "unknown: the model's config is not readable now (a hub id not in the local cache, or an unbuilt world)"
     out: dict = {"note": "estimate: weights, float32 gradients, AdamW moments and step temporaries, SAM's copy, "
                          "reference model, activations at the maximum length, logits and their gradient; "
-                         "on a CPU also what the run keeps in host memory (the kept epoch's weights); "
+                         "on a CPU, AdamW's step one tensor at a time (two temporaries of the largest) and "
+                         "what the run keeps in host memory (the kept epoch's weights); "
                          "not the Python process itself (libraries, data, tokenizer)"}
     for name, (prepare, shape) in trainings.items():
         size = model_size(ref, prepare) if prepare is not None else full
