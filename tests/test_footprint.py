@@ -192,3 +192,64 @@ def test_adamw_cpu_step_temporaries_are_what_the_estimate_says():
         optimizer.step()
     size = ModelSize(parameters=301_000, trainable=301_000, config=Config(), largest=300_000)
     assert peak[0] == estimate_peak_bytes(size, TrainingShape(1, 8), on_cpu=True)["optimizer_step"] == 2 * 300_000 * 4
+
+
+def _embedding_sized_tensors_built_in_backward(tie: bool, existing_grad: bool) -> float:
+    """Peak bytes of embedding-sized tensors created during one backward pass of a Llama whose
+    embedding dominates, in multiples of the embedding (by storage, via a dispatch mode)."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    vocab, hidden = 20000, 64
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=128,
+                                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                         tie_word_embeddings=tie))
+    ids = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(0))
+    if existing_grad:
+        model(input_ids=ids).logits.logsumexp(-1).mean().backward()
+    loss = model(input_ids=ids).logits.logsumexp(-1).mean()
+
+    class Track(TorchDispatchMode):
+        live: dict[int, int] = {}
+        peak = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and not func._schema.is_mutable and t.numel() >= vocab * hidden:
+                    key = t.untyped_storage().data_ptr()
+                    if key not in self.live:
+                        self.live[key] = t.untyped_storage().nbytes()
+                        Track.peak = max(Track.peak, sum(self.live.values()))
+                        weakref.finalize(t, self.live.pop, key, None)
+            return out
+
+    with Track():
+        loss.backward()
+    return Track.peak / (vocab * hidden * 4)
+
+
+def test_backward_builds_the_embedding_sized_gradients_the_estimate_counts():
+    from transformers import LlamaConfig
+
+    created = {(tie, existing): _embedding_sized_tensors_built_in_backward(tie, existing)
+               for tie in (True, False) for existing in (True, False)}
+    assert created == {(True, True): 3, (True, False): 3, (False, True): 2, (False, False): 2}
+    embedding = 20000 * 64 * 4
+
+    def transients(tie, accumulates):
+        config = LlamaConfig(vocab_size=20000, hidden_size=64, num_hidden_layers=1, tie_word_embeddings=tie)
+        size = ModelSize(2_000_000, 2_000_000, config, largest=20000 * 64)
+        return estimate_peak_bytes(size, TrainingShape(1, 16, accumulates=accumulates))["embedding_grad_transients"]
+
+    # beyond the gradients themselves: created afresh, one of them is the new .grad of each
+    # embedding-sized parameter (tied: one parameter, untied: two); added into an existing
+    # .grad, every one is a temporary
+    assert transients(True, True) == 3 * embedding and transients(True, False) == (3 - 1) * embedding
+    assert transients(False, True) == 2 * embedding and transients(False, False) == (2 - 2) * embedding
+    frozen = ModelSize(2_000_000, 1000, LlamaConfig(vocab_size=20000, hidden_size=64, num_hidden_layers=1),
+                       largest=500)  # LoRA: the embedding does not train
+    assert estimate_peak_bytes(frozen, TrainingShape(1, 16, accumulates=True))["embedding_grad_transients"] == 0

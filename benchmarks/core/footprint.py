@@ -59,6 +59,9 @@ class TrainingShape:
     # benchmarks.unlearn's epoch selection keeps a CPU copy of the weights of the epoch it may
     # return, while the later epochs train: host memory (on a GPU, not the device's)
     kept_epoch_copy: bool = False
+    # a backward pass adds into gradients already there (SAM's second pass and the retain
+    # pass after it, gradient accumulation), rather than creating them
+    accumulates: bool = False
 
 
 def _activation_elements_per_token_per_layer(config) -> int:
@@ -120,11 +123,32 @@ def estimate_peak_bytes(size: ModelSize, shape: TrainingShape, weight_bytes: int
     if processes > 1 and not sharded:
         parts["ddp_buckets"] = size.trainable * 4
     parts["kept_epoch_copy"] = size.parameters * weight_bytes if shape.kept_epoch_copy else 0
+    # The backward pass materialises the embedding-sized gradients before they reach .grad:
+    # untied, the output head's and the input embedding's (each is the new .grad, or, when a
+    # gradient is already there, a temporary added into it); tied, a third, their sum in
+    # autograd's buffer, and the head's part waits in that buffer through the whole backward.
+    # Counted in multiples of the embedding (tests/test_footprint.py measures them).
+    embedding_entries = config.vocab_size * config.hidden_size
+    embedding = embedding_entries * 4 // share
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    if (size.largest or size.trainable) < embedding_entries:  # the embedding is frozen (LoRA)
+        parts["embedding_grad_transients"], waiting = 0, 0
+    elif tied:
+        parts["embedding_grad_transients"] = (3 if shape.accumulates else 2) * embedding
+        waiting = embedding
+    else:
+        parts["embedding_grad_transients"] = 2 * embedding if shape.accumulates else 0
+        waiting = 0
     # Activations and logits are gone before the optimizer steps, and so is SAM's copy of the
     # weights (held from the ascent step through the step function's passes, dropped when it
     # returns, benchmarks.core.sam): the peak is the larger phase.
-    phases = max(parts["sam_copy"] + parts["activations"] + parts["logits"], parts["optimizer_step"])
-    skipped = ("sam_copy", "activations", "logits", "optimizer_step") + (() if on_cpu else HOST_PARTS)
+    # Within the backward phase, the activations and logits are needed at its start, the
+    # embedding's gradients are complete at its end.
+    backward = parts["sam_copy"] + max(parts["activations"] + parts["logits"] + waiting,
+                                       parts["embedding_grad_transients"])
+    phases = max(backward, parts["optimizer_step"])
+    skipped = ("sam_copy", "activations", "logits", "embedding_grad_transients", "optimizer_step") + (
+        () if on_cpu else HOST_PARTS)
     parts["total"] = sum(v for k, v in parts.items() if k not in skipped) + phases
     return parts
 
@@ -155,7 +179,8 @@ def memory_estimate(ref: str | None, trainings: dict[str, tuple[Callable | None,
     if full is None:
         return "unknown: the model's config is not readable now (a hub id not in the local cache, or an unbuilt world)"
     out: dict = {"note": "estimate: weights, float32 gradients, AdamW moments and step temporaries, SAM's copy, "
-                         "reference model, activations at the maximum length, logits and their gradient; "
+                         "reference model, activations at the maximum length, logits and their gradient, "
+                         "the embedding-sized gradients the backward pass builds; "
                          "on a CPU, AdamW's step one tensor at a time (two temporaries of the largest) and "
                          "what the run keeps in host memory (the kept epoch's weights); "
                          "not the Python process itself (libraries, data, tokenizer)"}

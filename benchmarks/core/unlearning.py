@@ -391,8 +391,10 @@ def defense_training_shape(defense, config: UnlearnConfig, gradient_checkpointin
     from benchmarks.core.footprint import TrainingShape
 
     reference = defense.needs_reference_model or (defense.uses_retain and defense.retain_term.needs_reference_model)
+    sam = float(getattr(defense.config, "sam_rho", 0) or 0) > 0
     return TrainingShape(config.batch_size, config.max_length, config.mixed_precision, gradient_checkpointing,
-                         sam=float(getattr(defense.config, "sam_rho", 0) or 0) > 0, reference_model=reference)
+                         sam=sam, reference_model=reference,
+                         accumulates=sam or defense.uses_retain or config.grad_accum > 1)
 
 
 def unlearn_plan(*, model_ref: str | None, data: str, preset: str, defense, config: UnlearnConfig, dtype: str,
