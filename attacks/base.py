@@ -223,8 +223,11 @@ class Attack:
         raise NotImplementedError
 
     def trainable_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """What a resume checkpoint must hold to rebuild the attacked model (on CPU)."""
-        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        """What a resume checkpoint must hold to rebuild the attacked model (a CPU copy; tied
+        weights copied once, see :func:`benchmarks.core.checkpoints.cpu_copy`)."""
+        from benchmarks.core.checkpoints import cpu_copy
+
+        return cpu_copy(model.state_dict())
 
     def load_trainable_state(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
         model.load_state_dict(state)

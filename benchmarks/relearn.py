@@ -728,7 +728,8 @@ def _memory_estimate(plan: Plan) -> dict | str:
 
     config = plan.attack_config
     trainings = {f"attack {plan.attack}": (attack_class(plan.attack)(config).prepare, TrainingShape(
-        config.micro_batch_size, config.max_length, config.mixed_precision, plan.gradient_checkpointing))}
+        config.micro_batch_size, config.max_length, config.mixed_precision, plan.gradient_checkpointing,
+        accumulates=config.batch_size > config.micro_batch_size))}
     for role in plan.roles_of("defended"):
         settings = role.defense_config
         cls = DEFENSES.get(role.defense)
@@ -737,7 +738,10 @@ def _memory_estimate(plan: Plan) -> dict | str:
         reference = defense.needs_reference_model or (defense.uses_retain and defense.retain_term.needs_reference_model)
         trainings[f"defense {role.defense}"] = (None, TrainingShape(
             settings["batch_size"], settings["max_length"], settings["mixed_precision"], plan.gradient_checkpointing,
-            sam=float(settings.get("sam_rho", 0) or 0) > 0, reference_model=reference))
+            sam=float(settings.get("sam_rho", 0) or 0) > 0, reference_model=reference,
+            kept_epoch_copy=settings["epochs"] > 1,  # the epoch selection's copy (benchmarks.core.unlearning)
+            accumulates=(float(settings.get("sam_rho", 0) or 0) > 0 or defense.uses_retain
+                         or settings.get("grad_accum", 1) > 1)))
     return memory_estimate(_estimate_ref(plan), trainings, weight_bytes=2 if plan.dtype == "bfloat16" else 4)
 
 

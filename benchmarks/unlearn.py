@@ -38,6 +38,10 @@ does, the epoch with the highest KnowMem-retain, and the file says so
 (:data:`benchmarks.core.unlearning.SELECTION_RULE`). ``--no-eval`` skips the evaluation and
 keeps the last epoch.
 
+``--dry-run`` prints the settled settings and the estimated peak memory per device (see
+:mod:`benchmarks.core.footprint`) and loads nothing. ``--max-steps`` stops the training early,
+for smoke tests and memory rehearsals of large models; ``unlearn.yaml`` records it.
+
 Every argument is checked before any model is loaded. A NaN or infinite loss stops the run
 (exit 3) and leaves ``unlearn.yaml`` with ``status: diverged`` and what was measured, but no
 weights.
@@ -168,6 +172,11 @@ def build_parser(registry=None) -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     run.add_argument("--gradient-checkpointing", action="store_true",
                      help="recompute activations in the backward pass (less memory, same numbers)")
+    run.add_argument("--max-steps", type=int, default=None,
+                     help="stop after this many optimizer steps, mid-epoch if need be (a smoke test or memory "
+                          "rehearsal of a large model; recorded in unlearn.yaml)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print the settled settings and the estimated peak memory per device, load nothing")
     run.add_argument("--progress", action="store_true", help="show a progress bar")
     run.add_argument("--verbose", action="store_true", help="debug logging")
     return parser
@@ -232,6 +241,8 @@ def plan_request(args: argparse.Namespace, registry=None) -> Request:
     check_training_dtype(args.dtype, True, f"defense {args.defense}")
     if args.eval_batch_size < 1:
         raise UsageError(f"--eval-batch-size must be at least 1, got {args.eval_batch_size}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise UsageError(f"--max-steps must be >= 1, got {args.max_steps}")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
     out = Path(args.out).expanduser()
@@ -281,10 +292,26 @@ def _print_table(outcome: UnlearnOutcome, references: Mapping[str, Mapping[str, 
     print(tabulate(rows, headers=["", *metrics, "mean loss", ""], floatfmt=".2f"))
 
 
+def _print_plan(request: Request, args: argparse.Namespace) -> None:
+    import yaml
+
+    from benchmarks.core.unlearning import unlearn_plan
+
+    plan = unlearn_plan(model_ref=request.model_ref, data=request.data, preset=request.preset,
+                        defense=request.defense, config=request.config, dtype=args.dtype,
+                        gradient_checkpointing=args.gradient_checkpointing, evaluation=request.evaluation,
+                        out=request.out, max_steps=args.max_steps)
+    print("dry run: nothing was loaded.")
+    print(yaml.safe_dump(plan, sort_keys=False, width=110, allow_unicode=True), end="")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     request = plan_request(args)
+    if args.dry_run:
+        _print_plan(request, args)
+        return 0
     from benchmarks.core.results import command_line
 
     command = command_line("benchmarks.unlearn", argv)
@@ -333,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     timings["load"] = time.perf_counter() - started
     outcome = unlearn(model, tokenizer, data, request.defense, request.config,
                       evaluation=request.evaluation, accelerator=accelerator, progress=args.progress,
-                      gradient_checkpointing=args.gradient_checkpointing)
+                      gradient_checkpointing=args.gradient_checkpointing, max_steps=args.max_steps)
     document = build_document(
         command=command, model_ref=model_ref, dtype=args.dtype, preset=request.preset, defense=request.defense,
         config=request.config, data=data, outcome=outcome, references=references,

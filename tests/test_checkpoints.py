@@ -80,3 +80,47 @@ def test_saving_again_replaces_the_checkpoint_and_absent_is_none(tmp_path):
     random.setstate(loop_state["rng"]["python"])
     np.random.set_state(loop_state["rng"]["numpy"])
     torch.set_rng_state(loop_state["rng"]["torch"])
+
+
+def _tied_llama(tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    return model
+
+
+def test_tied_embeddings_are_copied_and_written_once(tiny_tokenizer, tmp_path):
+    from benchmarks.core.checkpoints import cpu_copy
+    from benchmarks.core.training import rng_state
+
+    model = _tied_llama(tiny_tokenizer)
+    state = model.state_dict()
+    copy = cpu_copy(state)
+    assert copy["lm_head.weight"] is copy["model.embed_tokens.weight"]  # one copy under both names
+    assert copy["lm_head.weight"].data_ptr() != model.lm_head.weight.data_ptr()  # a copy, not a view
+    assert all(torch.equal(copy[k], v) for k, v in state.items())
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    loop = {"step": 1, "optimizer": optimizer.state_dict(), "scheduler": {}, "rng": rng_state(), "history": []}
+    save_resume_checkpoint(tmp_path / "ckpt", copy, loop)
+    distinct = sum(p.numel() for p in model.parameters())  # tied embedding counted once
+    embedding = model.model.embed_tokens.weight.numel()
+    written = (tmp_path / "ckpt" / "weights.safetensors").stat().st_size
+    # float32 entries of the distinct tensors (plus the header); a second embedding would add 4 x embedding
+    assert 4 * distinct <= written < 4 * distinct + 4 * embedding // 2
+    state_json = json.loads((tmp_path / "ckpt" / "state.json").read_text())
+    assert state_json["weight_aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}
+
+    weights, _, _ = load_resume_checkpoint(tmp_path / "ckpt")
+    assert set(weights) == set(state) and weights["lm_head.weight"] is weights["model.embed_tokens.weight"]
+    fresh = _tied_llama(tiny_tokenizer)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.zero_()
+    fresh.load_state_dict(weights)
+    assert fresh.lm_head.weight.data_ptr() == fresh.model.embed_tokens.weight.data_ptr()  # still tied
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))

@@ -89,6 +89,17 @@ def test_npo_sam_with_rho_zero_and_npo_write_the_same_checkpoint(tiny_run, tmp_p
     assert _result(tmp_path / "sam0")["defense"]["hyperparameters"]["sam_rho"] == 0.0
 
 
+def test_max_steps_stops_mid_epoch_and_is_recorded(tiny_run, tmp_path):
+    out = tmp_path / "out"
+    assert unlearn.main(_argv(tiny_run, out, "--defense", "npo_sam", "--no-eval", "--max-steps", "1")) == 0
+    training = _result(out)["training"]
+    assert training["steps_per_epoch"] == 2 and training["steps"] == 1 and training["max_steps"] == 1
+    assert len(_result(out)["loss_per_step"]) == 1
+    assert unlearn.main(_argv(tiny_run, out, "--defense", "npo_sam", "--no-eval", "--max-steps", "9",
+                              "--overwrite")) == 0
+    assert _result(out)["training"]["steps"] == 4  # never beyond the epochs (2 x 2 steps)
+
+
 @pytest.mark.slow
 def test_checkpoint_and_result_file(tiny_run, tmp_path):
     from benchmarks.core.models import load_model
@@ -223,6 +234,7 @@ def no_loading(monkeypatch):
         (["--defense", "npo", "--utility-threshold", "1.5"], r"utility_threshold must lie in \[0, 1\]"),
         (["--defense", "npo", "--mixed-precision", "fp16"], "invalid choice: 'fp16'"),
         (["--defense", "npo", "--grad-accum", "0"], "grad_accum must be >= 1"),
+        (["--defense", "npo", "--max-steps", "0"], "--max-steps must be >= 1, got 0"),
         (["--defense", "npo_sam", "--dtype", "bfloat16"], "--dtype bfloat16 would make its updates round away; "
                                                           "keep --dtype float32 and add --mixed-precision bf16"),
     ],

@@ -33,6 +33,49 @@ RNG = "rng.safetensors"
 STATE = "state.json"
 
 
+def _tensor_identity(t: torch.Tensor) -> tuple:
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
+def cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A CPU copy of a ``state_dict``, with tensors that are one tensor in the model (tied
+    embeddings: ``lm_head.weight`` is ``model.embed_tokens.weight``) copied once and kept one
+    tensor under both names: at Llama 3's vocabulary the embedding is two thirds of a 1B model,
+    and a copy per name would hold it twice."""
+    copies: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for name, value in state.items():
+        key = (*_tensor_identity(value), value.device)
+        if key not in copies:
+            copies[key] = value.detach().to("cpu", copy=True)
+        out[name] = copies[key]
+    return out
+
+
+def _distinct_weights(weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``weights`` with every tensor written once: a name whose tensor is another name's (tied
+    embeddings: ``lm_head.weight`` is ``model.embed_tokens.weight``) becomes an alias, recorded
+    in ``state.json``. safetensors refuses tensors that share memory; writing the distinct ones
+    as they are, rather than a clone of each, keeps a checkpoint from costing a second (and for
+    tied embeddings a third) copy of the weights in memory, and the file holds them once."""
+    distinct: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first: dict[tuple, str] = {}
+    storages: set[int] = set()
+    for name, tensor in weights.items():
+        tensor = tensor.detach().cpu()
+        identity = _tensor_identity(tensor)
+        if identity in first:
+            aliases[name] = first[identity]
+            continue
+        first[identity] = name
+        storage = identity[0]
+        # A different view of memory already written (rare: slices of one buffer) is copied.
+        distinct[name] = tensor.clone() if storage in storages else tensor.contiguous()
+        storages.add(storage)
+    return distinct, aliases
+
+
 def _split_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """An optimizer ``state_dict`` as (tensors by flat name, JSON-able remainder)."""
     tensors: dict[str, torch.Tensor] = {}
@@ -95,8 +138,9 @@ def save_resume_checkpoint(directory: Path, weights: dict[str, torch.Tensor], lo
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        # Separate clones: safetensors refuses tensors that share memory (tied embeddings).
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in weights.items()}, tmp / WEIGHTS)
+        distinct, aliases = _distinct_weights(weights)
+        save_file(distinct, tmp / WEIGHTS)
+        del distinct
         optimizer_tensors, optimizer_rest = _split_optimizer(loop_state["optimizer"])
         save_file(optimizer_tensors, tmp / OPTIMIZER)
         rng_tensors, rng_rest = _split_rng(loop_state["rng"])
@@ -106,6 +150,7 @@ def save_resume_checkpoint(directory: Path, weights: dict[str, torch.Tensor], lo
             "optimizer": optimizer_rest,
             "scheduler": loop_state["scheduler"],
             "rng": rng_rest,
+            "weight_aliases": aliases,
             "history": loop_state["history"],
             "extra": extra or {},
         }
@@ -138,7 +183,10 @@ def load_resume_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], di
         "rng": _join_rng(load_file(directory / RNG), state["rng"]),
         "history": state["history"],
     }
-    return load_file(directory / WEIGHTS), loop_state, state["extra"]
+    weights = load_file(directory / WEIGHTS)
+    for alias, name in state.get("weight_aliases", {}).items():
+        weights[alias] = weights[name]  # tied: one tensor under both names, as saved
+    return weights, loop_state, state["extra"]
 
 
 def checkpoint_size(directory: Path) -> int:

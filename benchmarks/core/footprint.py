@@ -22,6 +22,7 @@ class ModelSize:
     parameters: int  # distinct parameters (tied embeddings counted once)
     trainable: int  # what the attack trains
     config: object  # the transformers config
+    largest: int = 0  # entries of the largest trainable tensor (0: unknown, taken as ``trainable``)
 
 
 def model_size(ref: str, prepare: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> ModelSize | None:
@@ -41,7 +42,8 @@ def model_size(ref: str, prepare: Callable[[torch.nn.Module], torch.nn.Module] |
         if prepare is not None:
             model = prepare(model)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return ModelSize(parameters=total, trainable=trainable, config=config)
+        largest = max((p.numel() for p in model.parameters() if p.requires_grad), default=0)
+    return ModelSize(parameters=total, trainable=trainable, config=config, largest=largest)
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,12 @@ class TrainingShape:
     gradient_checkpointing: bool = False
     sam: bool = False  # SAM keeps a copy of the trainable weights during its second pass
     reference_model: bool = False  # a frozen copy of the model (KL retain term, MUSE NPO)
+    # benchmarks.unlearn's epoch selection keeps a CPU copy of the weights of the epoch it may
+    # return, while the later epochs train: host memory (on a GPU, not the device's)
+    kept_epoch_copy: bool = False
+    # a backward pass adds into gradients already there (SAM's second pass and the retain
+    # pass after it, gradient accumulation), rather than creating them
+    accumulates: bool = False
 
 
 def _activation_elements_per_token_per_layer(config) -> int:
@@ -68,18 +76,25 @@ def _activation_elements_per_token_per_layer(config) -> int:
     return 6 * hidden + 2 * kv * head_dim + 4 * intermediate
 
 
+#: Parts held in host memory, not on the device: counted in a CPU process's total only.
+HOST_PARTS = ("kept_epoch_copy",)
+
+
 def estimate_peak_bytes(size: ModelSize, shape: TrainingShape, weight_bytes: int = 4, processes: int = 1,
-                        sharded: bool = False) -> dict[str, int]:
+                        sharded: bool = False, on_cpu: bool = False) -> dict[str, int]:
     """Approximate peak memory of one training process, by component, in bytes.
 
     Weights in ``weight_bytes`` each; float32 gradients and AdamW's two float32 moments for the
     trainable parameters, and the temporaries of its step; SAM's saved copy; the reference model; the activations kept for the
     backward pass at ``max_length`` (only each layer's input with gradient checkpointing, plus
     one layer recomputed); the logits and their gradient. The total counts the larger of the
-    backward phase (activations and logits) and the optimizer step, which never coexist.
+    backward phase (activations and logits, and SAM's copy) and the optimizer step, which
+    never coexist.
     ``processes`` > 1 with ``sharded``
     (FSDP full shard) divides weights, gradients, optimizer state and SAM's copy among them;
-    without it (DDP) every process holds them all, plus DDP's gradient buckets.
+    without it (DDP) every process holds them all, plus DDP's gradient buckets. ``on_cpu``: the
+    device is the host, so the host-memory parts (:data:`HOST_PARTS`: the kept epoch's weights
+    of an unlearning run, held by the main process) count in the total too.
     """
     config = size.config
     tokens = shape.micro_batch * shape.max_length
@@ -95,9 +110,11 @@ def estimate_peak_bytes(size: ModelSize, shape: TrainingShape, weight_bytes: int
         "weights": size.parameters * weight_bytes // share,
         "gradients": size.trainable * 4 // share,
         "optimizer": size.trainable * 8 // share,
-        # AdamW's step builds its denominator sqrt(v)/c + eps for every parameter at once with
-        # the foreach kernels (GPU), one parameter at a time otherwise: an upper bound on CPU.
-        "optimizer_step": size.trainable * 4 // share,
+        # AdamW's step builds its denominator sqrt(v)/c + eps: on a GPU with the foreach
+        # kernels, sqrt(v) for every parameter at once, divided in place; on a CPU (torch's
+        # single-tensor loop) one parameter at a time, but as two temporaries, sqrt(v) and
+        # sqrt(v)/c, so the largest tensor (a 128k-vocabulary embedding) counts twice.
+        "optimizer_step": (2 * (size.largest or size.trainable) * 4 if on_cpu else size.trainable * 4 // share),
         "sam_copy": size.trainable * 4 // share if shape.sam else 0,
         "reference_model": size.parameters * weight_bytes // share if shape.reference_model else 0,
         "activations": activations,
@@ -105,9 +122,34 @@ def estimate_peak_bytes(size: ModelSize, shape: TrainingShape, weight_bytes: int
     }
     if processes > 1 and not sharded:
         parts["ddp_buckets"] = size.trainable * 4
-    # Activations and logits are gone before the optimizer steps: the peak is the larger phase.
-    phases = max(parts["activations"] + parts["logits"], parts["optimizer_step"])
-    parts["total"] = sum(v for k, v in parts.items() if k not in ("activations", "logits", "optimizer_step")) + phases
+    parts["kept_epoch_copy"] = size.parameters * weight_bytes if shape.kept_epoch_copy else 0
+    # The backward pass materialises the embedding-sized gradients before they reach .grad:
+    # untied, the output head's and the input embedding's (each is the new .grad, or, when a
+    # gradient is already there, a temporary added into it); tied, a third, their sum in
+    # autograd's buffer, and the head's part waits in that buffer through the whole backward.
+    # Counted in multiples of the embedding (tests/test_footprint.py measures them).
+    embedding_entries = config.vocab_size * config.hidden_size
+    embedding = embedding_entries * 4 // share
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    if (size.largest or size.trainable) < embedding_entries:  # the embedding is frozen (LoRA)
+        parts["embedding_grad_transients"], waiting = 0, 0
+    elif tied:
+        parts["embedding_grad_transients"] = (3 if shape.accumulates else 2) * embedding
+        waiting = embedding
+    else:
+        parts["embedding_grad_transients"] = 2 * embedding if shape.accumulates else 0
+        waiting = 0
+    # Activations and logits are gone before the optimizer steps, and so is SAM's copy of the
+    # weights (held from the ascent step through the step function's passes, dropped when it
+    # returns, benchmarks.core.sam): the peak is the larger phase.
+    # Within the backward phase, the activations and logits are needed at its start, the
+    # embedding's gradients are complete at its end.
+    backward = parts["sam_copy"] + max(parts["activations"] + parts["logits"] + waiting,
+                                       parts["embedding_grad_transients"])
+    phases = max(backward, parts["optimizer_step"])
+    skipped = ("sam_copy", "activations", "logits", "embedding_grad_transients", "optimizer_step") + (
+        () if on_cpu else HOST_PARTS)
+    parts["total"] = sum(v for k, v in parts.items() if k not in skipped) + phases
     return parts
 
 
@@ -137,13 +179,21 @@ def memory_estimate(ref: str | None, trainings: dict[str, tuple[Callable | None,
     if full is None:
         return "unknown: the model's config is not readable now (a hub id not in the local cache, or an unbuilt world)"
     out: dict = {"note": "estimate: weights, float32 gradients, AdamW moments and step temporaries, SAM's copy, "
-                         "reference model, activations at the maximum length, logits and their gradient"}
+                         "reference model, activations at the maximum length, logits and their gradient, "
+                         "the embedding-sized gradients the backward pass builds; "
+                         "on a CPU, AdamW's step one tensor at a time (two temporaries of the largest) and "
+                         "what the run keeps in host memory (the kept epoch's weights); "
+                         "not the Python process itself (libraries, data, tokenizer)"}
     for name, (prepare, shape) in trainings.items():
         size = model_size(ref, prepare) if prepare is not None else full
-        cases = {"1 GPU": estimate_peak_bytes(size, shape, weight_bytes),
+        cases = {"1 CPU process": estimate_peak_bytes(size, shape, weight_bytes, on_cpu=True),
+                 "1 GPU": estimate_peak_bytes(size, shape, weight_bytes),
                  f"{gpus} GPUs DDP": estimate_peak_bytes(size, shape, weight_bytes, gpus),
                  f"{gpus} GPUs FSDP": estimate_peak_bytes(size, shape, weight_bytes, gpus, sharded=True)}
         out[name] = {case: format_bytes(parts["total"]) for case, parts in cases.items()}
         out[name]["1 GPU parts"] = ", ".join(f"{k} {format_bytes(v)}" for k, v in cases["1 GPU"].items()
-                                            if v and k != "total")
+                                            if v and k != "total" and k not in HOST_PARTS)
+        host = {k: v for k, v in cases["1 GPU"].items() if k in HOST_PARTS and v}
+        if host:
+            out[name]["host memory besides"] = ", ".join(f"{k} {format_bytes(v)}" for k, v in host.items())
     return out

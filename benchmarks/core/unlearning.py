@@ -273,7 +273,9 @@ class _EpochSelector:
 
 
 def _cpu_state(model) -> dict:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    from benchmarks.core.checkpoints import cpu_copy
+
+    return cpu_copy(model.state_dict())  # tied weights copied once
 
 
 def _fmt(scores: Mapping[str, float]) -> str:
@@ -291,10 +293,13 @@ def unlearn(
     accelerator=None,
     progress: bool = False,
     gradient_checkpointing: bool = False,
+    max_steps: int | None = None,
 ) -> UnlearnOutcome:
     """Unlearn ``data``'s raw/forget split from ``model`` with ``defense`` (retain term on
     raw/retain1), in place. With ``evaluation``, the weights left in ``model`` are those of the
-    selected epoch. A non-finite loss ends the run with ``status == "diverged"``."""
+    selected epoch. A non-finite loss ends the run with ``status == "diverged"``. ``max_steps``
+    stops the training after that many optimizer steps, wherever the epoch is (a smoke test or
+    a memory rehearsal of a large model, not an unlearning to keep); the file records it."""
     import torch
 
     from benchmarks.core.models import context_length
@@ -331,6 +336,10 @@ def unlearn(
         "examples_per_step": config.batch_size * config.grad_accum * accelerator.num_processes,
         "steps_per_epoch": steps_per_epoch(micro_batches, config.grad_accum),
     }
+    if max_steps is not None:  # never more than the epochs would take (max_steps cycles the data)
+        outcome.training["max_steps"] = max_steps
+        train_config = replace(train_config, max_steps=min(
+            max_steps, config.epochs * outcome.training["steps_per_epoch"]))
 
     torch.manual_seed(config.seed)
     model.to(accelerator.device)
@@ -374,6 +383,51 @@ def unlearn(
     else:
         outcome.selection = {"rule": "last epoch (no evaluation)", "selected_epoch": config.epochs}
     return outcome
+
+
+def defense_training_shape(defense, config: UnlearnConfig, gradient_checkpointing: bool = False):
+    """What sets the memory of ``defense``'s training under ``config`` (for ``--dry-run``):
+    its micro-batch and length, precision, SAM's saved copy, and a frozen reference model."""
+    from benchmarks.core.footprint import TrainingShape
+
+    reference = defense.needs_reference_model or (defense.uses_retain and defense.retain_term.needs_reference_model)
+    sam = float(getattr(defense.config, "sam_rho", 0) or 0) > 0
+    return TrainingShape(config.batch_size, config.max_length, config.mixed_precision, gradient_checkpointing,
+                         sam=sam, reference_model=reference,
+                         accumulates=sam or defense.uses_retain or config.grad_accum > 1)
+
+
+def unlearn_plan(*, model_ref: str | None, data: str, preset: str, defense, config: UnlearnConfig, dtype: str,
+                 gradient_checkpointing: bool, evaluation: EvalPlan | None, out: Path,
+                 max_steps: int | None = None) -> dict[str, Any]:
+    """What ``benchmarks.unlearn`` will do, settled and sized before anything loads (its
+    ``--dry-run``): settings, the output, and the estimated peak memory per device."""
+    from benchmarks.core.footprint import memory_estimate
+
+    if model_ref is None:  # the world's target: sized from its config once the world is installed
+        from benchmarks.core.world_build import WorldBuildConfig, default_world_dir
+
+        target = default_world_dir(WorldBuildConfig()) / "target"
+        ref = str(target) if (target / "config.json").exists() else None
+    else:
+        ref = model_ref
+    # The kept epoch's weights outlive it only when another epoch trains after it.
+    shape = replace(defense_training_shape(defense, config, gradient_checkpointing),
+                    kept_epoch_copy=evaluation is not None and config.epochs > 1)
+    memory = memory_estimate(ref, {f"defense {defense.name}": (None, shape)},
+                             weight_bytes=2 if dtype == "bfloat16" else 4)
+    return {
+        "model": {"id": model_ref or "world/target", "dtype": dtype},
+        "data": data,
+        "preset": preset,
+        "defense": defense.describe(),
+        "training": {**asdict(config), "gradient_checkpointing": gradient_checkpointing,
+                     **({"max_steps": max_steps} if max_steps is not None else {})},
+        "evaluation": ({"metrics": list(evaluation.metrics), "batch_size": evaluation.batch_size}
+                       if evaluation is not None else "off (last epoch kept)"),
+        "output": str(out),
+        "memory_per_device": memory,
+    }
 
 
 def _seen_through(defense, epoch_hook):
