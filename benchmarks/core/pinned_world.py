@@ -28,6 +28,7 @@ from typing import Any, Mapping
 
 from benchmarks.core.errors import DataError, UsageError
 from benchmarks.core.pinning import MANIFEST, check_files, copy_files, read_pinned_manifest, write_pinned
+from benchmarks.core.pinning import format_comparison as pinning_table
 
 logger = logging.getLogger(__name__)
 
@@ -121,16 +122,7 @@ def score_world(paths) -> dict[str, dict[str, float]]:
 
 def format_comparison(scores: Mapping[str, Mapping[str, float]], manifest: Mapping | None) -> str:
     """A table of the rebuilt scores beside the pinned ones (when a pinned world exists)."""
-    from tabulate import tabulate
-
-    pinned = (manifest or {}).get("scores", {})
-    rows = []
-    for role in ROLES:
-        for metric in SCORE_METRICS:
-            old = pinned.get(role, {}).get(metric)
-            new = scores[role][metric]
-            rows.append([role, metric, new, "" if old is None else old, "" if old is None else round(new - old, 2)])
-    return tabulate(rows, headers=["model", "metric", "rebuilt", "pinned", "rebuilt - pinned"], tablefmt="github")
+    return pinning_table(scores, manifest, ROLES, SCORE_METRICS, lambda d: round(d, 2))
 
 
 def pin(paths, scores: Mapping[str, Mapping[str, float]], command: str, directory: Path | None = None) -> Path:

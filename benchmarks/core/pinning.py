@@ -29,6 +29,33 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def read_json_or_none(path: Path) -> dict | None:
+    """The JSON object in ``path``, or None when the file is missing or unreadable (a world whose
+    build was interrupted has none: it is rebuilt, not trusted)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def format_comparison(scores, manifest, roles, metrics, rounded) -> str:
+    """A table of rebuilt ``scores[role][metric]`` beside the pinned ones in ``manifest``
+    (``rounded`` formats the difference)."""
+    from tabulate import tabulate
+
+    pinned = (manifest or {}).get("scores", {})
+    rows = []
+    for role in roles:
+        for metric in metrics:
+            old = pinned.get(role, {}).get(metric)
+            new = scores[role][metric]
+            rows.append([role, metric, new, "" if old is None else old, "" if old is None else rounded(new - old)])
+    return tabulate(rows, headers=["model", "metric", "rebuilt", "pinned", "rebuilt - pinned"], tablefmt="github")
+
+
 def read_pinned_manifest(directory: Path) -> dict | None:
     """The manifest of the pinned directory, or None when there is none."""
     path = Path(directory) / MANIFEST

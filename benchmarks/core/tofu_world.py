@@ -349,13 +349,9 @@ ROOT_MANIFEST = "manifest.json"
 
 def read_root_manifest(root: Path) -> dict | None:
     """The ``manifest.json`` of a complete author world at ``root``, or None when there is none."""
-    path = Path(root) / ROOT_MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
+    from benchmarks.core.pinning import read_json_or_none
+
+    return read_json_or_none(Path(root) / ROOT_MANIFEST)
 
 
 def data_digests(data_dir: Path) -> dict[str, str]:

@@ -272,13 +272,9 @@ def _versions() -> dict[str, str]:
 
 def read_manifest(root: Path) -> dict | None:
     """The ``world.json`` of a built world, or None when ``root`` holds no complete world."""
-    path = Path(root) / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
+    from benchmarks.core.pinning import read_json_or_none
+
+    return read_json_or_none(Path(root) / MANIFEST)
 
 
 def share_tree(root: Path) -> None:
