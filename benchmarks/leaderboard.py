@@ -527,6 +527,10 @@ def _before_after(result: Mapping, role: str) -> str:
     return f"{before.mean:.1f} → {after.mean:.1f}{spread}"
 
 
+def _matrix_preference(result: Mapping) -> tuple[int, str]:
+    return len(result.get("curves", {})), str(result.get("created", ""))
+
+
 def render_matrix(results: Sequence[tuple[Path, Mapping]], output_dir: Path) -> list[str]:
     """Markdown lines of one defenses x attacks table per model, data and unlearning seeds that
     more than one attack was run on: KnowMem-forget on V before → after each attack's last step.
@@ -536,7 +540,12 @@ def render_matrix(results: Sequence[tuple[Path, Mapping]], output_dir: Path) -> 
     for path, result in results:
         setting = settings_of(result)
         key = (setting.model, setting.model_hash, setting.source, setting.data_digest, setting.defense_seeds)
-        tables.setdefault(key, {})[attack_label(result)] = (path, result)  # the newest file per attack wins
+        column = tables.setdefault(key, {})
+        label = attack_label(result)
+        # One file per attack: the one that attacked the most models (a matrix run covers every
+        # defense; a default run only two), the newest of those.
+        if label not in column or _matrix_preference(result) > _matrix_preference(column[label][1]):
+            column[label] = (path, result)
     lines: list[str] = []
     for (model, _, source, _, defense_seeds), by_attack in sorted(tables.items(), key=lambda kv: str(kv[0])):
         if len(by_attack) < 2:

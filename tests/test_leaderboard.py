@@ -245,6 +245,20 @@ def test_the_matrix_puts_each_attack_in_a_column(tmp_path, data_dir):
     assert cells["retrain"][0] == "1.0 → 3.0 ± 0.0"
 
 
+def test_the_matrix_takes_per_attack_the_run_that_attacked_the_most_models(tmp_path, data_dir):
+    both = {"target": TARGET, "retrain": RETRAIN, "npo": ([2, 20, 30], 78), "npo_sam": ([1, 10, 20], 78)}
+    write_run(tmp_path / "matrix", data_dir, "ft-all", both, extra=("--milestones", "2"))
+    write_run(tmp_path / "zz-later", data_dir, "ft-one", {"target": TARGET, "retrain": RETRAIN,
+                                                        "npo": ([2, 20, 40], 78)})
+    write_run(tmp_path / "matrix", data_dir, "lora", both, extra=("--attack", "lora"))
+    results, _ = leaderboard.load_results(tmp_path)
+    text = "\n".join(leaderboard.render_matrix(results, tmp_path))
+    header, _, *body = [line for line in text.splitlines() if line.startswith("|")]
+    cells = {_cells(row)[0]: _cells(row)[1:] for row in body}
+    assert _cells(header)[1] == "finetune"
+    assert cells["npo_sam"][0] != "–" and cells["npo"][0] == "2.0 → 30.0 ± 0.0"  # not the later one-defense run
+
+
 def test_a_matrix_needs_two_attacks(tmp_path, data_dir):
     write_run(tmp_path, data_dir, "ft", {"target": TARGET, "retrain": RETRAIN, "npo": ([2, 20, 30], 78)})
     results, _ = leaderboard.load_results(tmp_path)
