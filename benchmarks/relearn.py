@@ -41,7 +41,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -724,6 +724,7 @@ def _memory_estimate(plan: Plan) -> dict | str:
     :func:`benchmarks.core.footprint.memory_estimate`."""
     from attacks import attack_class
     from benchmarks.core.footprint import TrainingShape, memory_estimate
+    from benchmarks.core.unlearning import defense_training_shape, resolve_settings
     from defenses import DEFENSES
 
     config = plan.attack_config
@@ -731,17 +732,11 @@ def _memory_estimate(plan: Plan) -> dict | str:
         config.micro_batch_size, config.max_length, config.mixed_precision, plan.gradient_checkpointing,
         accumulates=config.batch_size > config.micro_batch_size))}
     for role in plan.roles_of("defended"):
-        settings = role.defense_config
-        cls = DEFENSES.get(role.defense)
-        defense = cls(cls.config_class(**{k: v for k, v in settings.items()
-                                          if k in cls.config_class.__dataclass_fields__}))
-        reference = defense.needs_reference_model or (defense.uses_retain and defense.retain_term.needs_reference_model)
-        trainings[f"defense {role.defense}"] = (None, TrainingShape(
-            settings["batch_size"], settings["max_length"], settings["mixed_precision"], plan.gradient_checkpointing,
-            sam=float(settings.get("sam_rho", 0) or 0) > 0, reference_model=reference,
-            kept_epoch_copy=settings["epochs"] > 1,  # the epoch selection's copy (benchmarks.core.unlearning)
-            accumulates=(float(settings.get("sam_rho", 0) or 0) > 0 or defense.uses_retain
-                         or settings.get("grad_accum", 1) > 1)))
+        defense, unlearn_config = resolve_settings(role.defense, role.defense_config, DEFENSES)
+        # The epoch selection keeps a copy of the best epoch's weights while later ones train.
+        trainings[f"defense {role.defense}"] = (None, replace(
+            defense_training_shape(defense, unlearn_config, plan.gradient_checkpointing),
+            kept_epoch_copy=unlearn_config.epochs > 1))
     return memory_estimate(_estimate_ref(plan), trainings, weight_bytes=2 if plan.dtype == "bfloat16" else 4)
 
 

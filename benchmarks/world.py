@@ -75,9 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from benchmarks.core import world_build
 
     out = args.out
-    if args.tofu:
-        pass  # its default directories are the author world's (benchmarks.core.pinned_tofu_world)
-    elif args.rebuild and out is None:
+    # (--tofu: the author world's default directories are its own, benchmarks.core.pinned_tofu_world)
+    if args.rebuild and out is None and not args.tofu:
         out = world_build.default_world_dir(world_build.WorldBuildConfig()).with_name(
             world_build.default_world_dir(world_build.WorldBuildConfig()).name + "-rebuild"
         )

@@ -137,7 +137,7 @@ class RMU(Defense):
 
     config_class = RMUConfig
     needs_reference_model = True  # the frozen model's retain activations
-    # The embedded world's residual stream has per-token norms of 60-140 (Zephyr's c = 6.5 is
+    # The embedded world's residual stream has per-token norms of the order of 100 (Zephyr's c = 6.5 is
     # small beside them), and its down-projections alone at lr 6e-4 with α 1200 left every score
     # at 100. c = 300, α = 100, the whole MLP of layers 0-2 and lr 3e-3 is the best point
     # found: KnowMem-forget 18.8 at KnowMem-retain 91.3 (epoch 4); no setting tried reached

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Mapping
 
 from benchmarks.core.errors import DataError, UsageError
-from benchmarks.core.pinning import check_files, copy_files, read_pinned_manifest, write_pinned
+from benchmarks.core.pinning import check_files, copy_files, pin_manifest, read_pinned_manifest, write_pinned
 from benchmarks.core.pinning import format_comparison as pinning_table
 
 logger = logging.getLogger(__name__)
@@ -124,16 +124,8 @@ def pin(world, scores: Mapping[str, Mapping[str, float]], command: str, director
     built = read_root_manifest(world.root) or {}
     sources = {f"{role}/{path.name}": path for role in ROLES
                for path in sorted(getattr(world, f"{role}_dir").iterdir()) if path.is_file()}
-    manifest = {
-        "hash": built["hash"],
-        "config": built["config"],
-        "command": command,
-        "built_by": built.get("built_by", "python -m benchmarks.world --tofu --rebuild"),
-        "built_with": {"versions": built.get("versions"), "torch_threads": built.get("torch_threads"),
-                       "timings": built.get("timings")},
-        "scores": {role: dict(scores[role]) for role in ROLES},
-        "data": built["data"],
-    }
+    manifest = pin_manifest(built, command=command, scores=scores, roles=ROLES,
+                            built_by="python -m benchmarks.world --tofu --rebuild", data=built["data"])
     return write_pinned(directory or PINNED_DIR, sources, manifest)
 
 

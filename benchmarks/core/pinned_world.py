@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from benchmarks.core.errors import DataError, UsageError
-from benchmarks.core.pinning import MANIFEST, check_files, copy_files, read_pinned_manifest, write_pinned
+from benchmarks.core.pinning import MANIFEST, check_files, copy_files, pin_manifest, read_pinned_manifest, write_pinned
 from benchmarks.core.pinning import format_comparison as pinning_table
 
 logger = logging.getLogger(__name__)
@@ -133,14 +133,6 @@ def pin(paths, scores: Mapping[str, Mapping[str, float]], command: str, director
         f"{role}/{name}": getattr(paths, f"{role}_dir") / name
         for role in ROLES for name in _MODEL_FILES if (getattr(paths, f"{role}_dir") / name).is_file()
     }
-    manifest = {
-        "hash": world["hash"],
-        "config": world["config"],
-        "command": command,
-        "built_by": world.get("built_by", "python -m benchmarks.world --rebuild"),
-        "built_with": {"versions": world.get("versions"), "torch_threads": world.get("torch_threads"),
-                       "timings": world.get("timings")},
-        "scores": {role: dict(scores[role]) for role in ROLES},
-        "corpus": world["corpus"],
-    }
+    manifest = pin_manifest(world, command=command, scores=scores, roles=ROLES,
+                            built_by="python -m benchmarks.world --rebuild", corpus=world["corpus"])
     return write_pinned(directory or PINNED_DIR, sources, manifest)

@@ -86,6 +86,24 @@ def copy_files(source: Path, names: Iterable[str], destination: Path) -> None:
         shutil.copyfile(Path(source) / name, target)
 
 
+def pin_manifest(built: Mapping, *, command: str, scores: Mapping[str, Mapping[str, float]], roles,
+                 built_by: str, **data_digests) -> dict:
+    """The manifest of a world being pinned, from the manifest it was built with: its hash and
+    configuration, the command that pins it and the one that built it, how it was built, the
+    scores of its ``roles``, and the digests of the data it is generated with (``corpus=`` for
+    the MUSE-style world, ``data=`` for the author world)."""
+    return {
+        "hash": built["hash"],
+        "config": built["config"],
+        "command": command,
+        "built_by": built.get("built_by", built_by),
+        "built_with": {"versions": built.get("versions"), "torch_threads": built.get("torch_threads"),
+                       "timings": built.get("timings")},
+        "scores": {role: dict(scores[role]) for role in roles},
+        **data_digests,
+    }
+
+
 def write_pinned(directory: Path, sources: Mapping[str, Path], manifest: Mapping) -> Path:
     """Make ``directory`` hold exactly ``sources`` (``name -> file``) and ``manifest`` with a
     ``files`` entry of their digests. Assembled beside it and renamed in, so a failure leaves

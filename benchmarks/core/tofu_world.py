@@ -380,7 +380,7 @@ def _staged(root: Path, purpose: str):
 
 def build_tofu_world(config: TofuWorldConfig, root: Path) -> TofuWorld:
     """Generate the data, train tokenizer, target and retrain, and move them into ``root`` at once."""
-    from benchmarks.core.world_build import _versions
+    from benchmarks.core.world_build import library_versions
 
     configs = generate_world(config)
     with _staged(Path(root), "building") as staging:
@@ -396,7 +396,7 @@ def build_tofu_world(config: TofuWorldConfig, root: Path) -> TofuWorld:
             timings[f"{name}_s"] = time.perf_counter() - began
         timings["total_s"] = time.perf_counter() - started
         manifest = {"hash": world_hash(config), "config": config.describe(), "pinned": False,
-                    "data": data_digests(staging / "data"), "versions": _versions(),
+                    "data": data_digests(staging / "data"), "versions": library_versions(),
                     "torch_threads": torch.get_num_threads(), "timings": timings}
         (staging / ROOT_MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
     return TofuWorld(Path(root), config)

@@ -263,7 +263,7 @@ def train_world_model(texts: Sequence[str], tokenizer, config: WorldBuildConfig,
 # --------------------------------------------------------------------------- building
 
 
-def _versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
     import tokenizers
     import transformers
 
@@ -349,7 +349,7 @@ def build_world(config: WorldBuildConfig, root: Path) -> WorldPaths:
             "config": config.describe(),
             "training_data": {"target": ["forget", "retain1", "retain2"], "retrain": ["retain1", "retain2"]},
             "corpus": data.describe()["splits"],
-            "versions": _versions(),
+            "versions": library_versions(),
             "torch_threads": torch.get_num_threads(),
             "timings": timings,
         }
