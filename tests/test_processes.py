@@ -1,7 +1,8 @@
 """``benchmarks.core.processes`` in two real CPU processes (accelerate launch, gloo): what the
 main process computes reaches both, its errors too, a cache it writes first is there for the
-other, measuring hooks run once, and a training started by the main process alone runs
-without DDP while a training on both averages their gradients."""
+other, measuring hooks run once, a training started by the main process alone runs
+without DDP while a training on both averages their gradients, and each process closes its
+process group before the interpreter shuts down."""
 
 from __future__ import annotations
 
@@ -10,14 +11,30 @@ import textwrap
 
 import pytest
 
-from benchmarks.core.processes import from_main, main_first, main_only, processes_record, running_alone, world_size
+from benchmarks.core.processes import (
+    close_process_group,
+    from_main,
+    main_first,
+    main_only,
+    processes_record,
+    running_alone,
+    world_size,
+)
 
 SCRIPT = textwrap.dedent('''
-    import json, sys
+    import atexit, json, sys
     from pathlib import Path
 
     import torch
+    import torch.distributed as dist
     from torch.utils.data import DataLoader
+
+    # Registered before the accelerator exists, so it runs after the accelerator's own exit
+    # handler (atexit is last in, first out): it sees whether the group was closed in time.
+    def note_group_at_exit():
+        (Path(sys.argv[1]) / f"exit{RANK[0]}.json").write_text(json.dumps({"group_open": dist.is_initialized()}))
+    RANK = [None]
+    atexit.register(note_group_at_exit)
 
     from benchmarks.core.errors import UsageError
     from benchmarks.core.processes import from_main, is_main, main_first, main_only, running_alone, world_size
@@ -26,6 +43,8 @@ SCRIPT = textwrap.dedent('''
     out = Path(sys.argv[1])
     seen = {"world_size": world_size(), "main": is_main()}
     rank = 0 if is_main() else 1
+    RANK[0] = rank
+    assert dist.is_initialized()
 
     # A value computed on the main process only (its rank) reaches both.
     seen["from_main"] = from_main(lambda: {"rank": rank, "alone": running_alone()})
@@ -79,6 +98,22 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
+def test_closing_the_process_group_destroys_it_once(tmp_path):
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is unavailable")
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert close_process_group() is True
+        assert not dist.is_initialized()
+        assert close_process_group() is False
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 @pytest.mark.slow
 def test_two_processes_share_what_the_main_process_computes(tmp_path, launch_two_processes):
     script = tmp_path / "processes_check.py"
@@ -90,6 +125,8 @@ def test_two_processes_share_what_the_main_process_computes(tmp_path, launch_two
     assert main["from_main"] == other["from_main"] == {"rank": 0, "alone": True}
     assert main["error"] == other["error"] == "--thing 3 is wrong; pass --thing 2"
     assert main["main_first"] == other["main_first"] == "written by 0"
+    # Each process destroyed its process group at exit, before the interpreter shut down.
+    assert [json.loads((tmp_path / f"exit{r}.json").read_text()) for r in (0, 1)] == [{"group_open": False}] * 2
     assert main["main_only_calls"] == [True] and other["main_only_calls"] == []
     # DDP: the same weights on both; the loss of each step is the mean over the two processes.
     assert main["ddp"] == other["ddp"]

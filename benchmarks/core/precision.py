@@ -23,6 +23,7 @@ the attack runs in bf16.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 from typing import Any, Iterable
@@ -64,6 +65,14 @@ def process_accelerator():
         # process evaluates alone (benchmarks.core.processes), hence the longer timeout.
         _ACCELERATOR = Accelerator(mixed_precision="no",
                                    kwargs_handlers=[InitProcessGroupKwargs(timeout=WAIT_TIMEOUT)])
+        if _ACCELERATOR.num_processes > 1:
+            from benchmarks.core.processes import close_process_group
+
+            # Left to interpreter shutdown, gloo's worker threads can be torn down after
+            # Python is gone, and the process aborts (SIGABRT, "terminate called without an
+            # active exception") after its work is done and written: a failed exit status
+            # for a run that succeeded. atexit runs while the interpreter is still whole.
+            atexit.register(close_process_group)
     return _ACCELERATOR
 
 

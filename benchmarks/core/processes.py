@@ -154,6 +154,19 @@ def wait_for_everyone() -> None:
     _accelerator().wait_for_everyone()
 
 
+def close_process_group() -> bool:
+    """Destroy the default process group, if there is one (at exit, on every process; see
+    :func:`benchmarks.core.precision.process_accelerator`). Local to this process, not a
+    collective, so it is safe on an error path where the others may already be gone.
+    Returns whether there was a group to destroy."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    dist.destroy_process_group()
+    return True
+
+
 def processes_record(batch_size: int, micro_batch_size: int | None = None,
                      eval_batch_size: int | None = None) -> dict[str, Any]:
     """How many processes trained and the batch sizes that follow, for a result file: each
