@@ -30,6 +30,14 @@ TINY_TEXTS = [
 ] * 20
 
 
+def pytest_collection_modifyitems(config, items):
+    """Files holding a test marked ``minutes`` (the world rebuilds) go first, the rest keep their
+    order: with one worker per core (pyproject's addopts), a file that runs for minutes started
+    last would leave the other workers idle until it ends."""
+    long_files = {item.path for item in items if item.get_closest_marker("minutes")}
+    items.sort(key=lambda item: item.path not in long_files)  # stable: False sorts first
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return train_tokenizer(TINY_TEXTS, vocab_size=300)

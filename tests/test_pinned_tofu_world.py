@@ -139,6 +139,7 @@ def test_a_modified_installed_world_is_refused_on_use(small_pinned, tmp_path, mo
 
 
 @pytest.mark.slow
+@pytest.mark.minutes
 @pytest.mark.skipif(
     # Its own switch: CI runs the MUSE-style world's rebuild check, and this one (6-7 minutes on
     # 2 cores) would take CI past its 15-minute budget.

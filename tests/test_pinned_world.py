@@ -127,6 +127,7 @@ REBUILD_TOLERANCE = 5.0
 
 
 @pytest.mark.slow
+@pytest.mark.minutes
 @pytest.mark.skipif(
     __import__("os").environ.get("RELEARN_BENCH_REBUILD_TEST") != "1",
     reason="retrains the default world from its recipe (minutes); set RELEARN_BENCH_REBUILD_TEST=1 (CI does)",
