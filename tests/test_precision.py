@@ -93,3 +93,16 @@ def test_plan_time_dtype_check():
     check_training_dtype("bfloat16", False, "attack lora")  # adapters are float32
     with pytest.raises(UsageError, match="--dtype bfloat16.*--mixed-precision bf16"):
         check_training_dtype("bfloat16", True, "defense npo_sam")
+
+
+def test_an_fsdp_request_that_accelerate_did_not_honour_is_named():
+    from accelerate.utils import DistributedType
+
+    from benchmarks.core.precision import fsdp_fallback
+
+    asked = {"ACCELERATE_USE_FSDP": "true", "ACCELERATE_USE_CPU": "1"}
+    message = fsdp_fallback(DistributedType.MULTI_CPU, asked)
+    assert message is not None and "started MULTI_CPU" in message and "whole model" in message
+    assert fsdp_fallback(DistributedType.FSDP, asked) is None  # honoured
+    assert fsdp_fallback(DistributedType.MULTI_CPU, {}) is None  # not asked for: plain DDP is right
+    assert fsdp_fallback(DistributedType.MULTI_CPU, {"ACCELERATE_USE_FSDP": "false"}) is None

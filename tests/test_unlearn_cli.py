@@ -189,6 +189,25 @@ def test_selection_falls_back_to_the_best_epoch_when_none_meets_the_bar(tiny_run
     assert all(torch.equal(value, seen[2][name]) for name, value in saved.items())
 
 
+def test_a_run_cut_by_max_steps_keeps_and_reports_the_weights_where_it_stopped(tiny_run, tmp_path, monkeypatch,
+                                                                                capsys):
+    # 2 steps per epoch, cut at step 3: epoch 1 met the bar (49 >= 45), the cut point does not
+    # (30), yet the saved weights are the cut point's and the file says so (not "epoch 1 kept").
+    seen = _scripted_evaluation(monkeypatch, [50.0, 49.0, 30.0])
+    out = tmp_path / "out"
+    assert unlearn.main(_argv(tiny_run, out, "--defense", "npo", "--max-steps", "3")) == 0
+    document = _result(out)
+    assert [(row["epoch"], row["step"]) for row in document["epochs"]] == [(0, 0), (1, 2), (1.5, 3)]
+    assert document["epochs"][-1]["stopped_by"] == "max_steps" and "mean_loss" in document["epochs"][-1]
+    selection = document["selection"]
+    assert selection["selected_epoch"] == 1.5 and selection["met_threshold"] is False
+    assert selection["selected_by"].startswith("stopped by max_steps")
+    saved = load_file(out / "model.safetensors")
+    assert all(torch.equal(value, seen[2][name]) for name, value in saved.items())
+    assert not all(torch.equal(saved[n], seen[1][n]) for n in saved)
+    assert "(epoch 1.5 kept)" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_a_non_finite_loss_stops_the_run_and_keeps_what_was_measured(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setattr("defenses.npo.npo_loss", lambda policy, ref, beta: policy.sum() * float("inf"))

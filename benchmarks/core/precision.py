@@ -73,7 +73,27 @@ def process_accelerator():
             # active exception") after its work is done and written: a failed exit status
             # for a run that succeeded. atexit runs while the interpreter is still whole.
             atexit.register(close_process_group)
+        fallback = fsdp_fallback(_ACCELERATOR.distributed_type)
+        if fallback:
+            logger.warning("%s", fallback)
     return _ACCELERATOR
+
+
+def fsdp_fallback(distributed_type, environ=None) -> str | None:
+    """Why the run is not sharded although ``accelerate launch --use_fsdp`` asked for it, or
+    ``None``. accelerate 1.15 reads the FSDP request only on accelerators: with CPU processes
+    (``ACCELERATE_USE_CPU=1``) it starts plain data parallelism (``MULTI_CPU``), and each process
+    then holds the whole model, its gradients and AdamW's moments -- the memory plan's FSDP line
+    does not apply. The result file records the distributed type the run really had."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    asked = environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+    kind = str(getattr(distributed_type, "value", distributed_type))
+    if not asked or kind == "FSDP":
+        return None
+    return (f"FSDP was asked for (ACCELERATE_USE_FSDP), but accelerate started {kind}: every process "
+            "holds the whole model; FSDP needs GPU processes (accelerate does not shard CPU processes)")
 
 
 def autocast(device: torch.device | str, mixed_precision: str):

@@ -199,6 +199,7 @@ class _EpochSelector:
         self.best: tuple[int, float, dict] | None = None  # highest utility, the last fallback
         self.last_epoch = 0
         self.previous_met = False
+        self.stopped: tuple[float, bool] | None = None  # (fractional epoch, met the bar) of a cut run
 
     def _scores(self, model) -> dict[str, float]:
         from benchmarks.core.metrics import evaluate
@@ -242,10 +243,25 @@ class _EpochSelector:
         if self.single is not None:
             self.best = None
 
+    def after_stop(self, step: int, steps_per_epoch: int, model) -> None:
+        """Measure the weights of a run that ``max_steps`` cut mid-epoch. They are what is kept:
+        a cut run is a smoke test or a rehearsal, and reporting an earlier epoch as kept (epoch 0,
+        the untouched model, when the cut falls inside the first) would misname what is saved."""
+        scores = self._scores(model)
+        meets = scores[SELECTION_METRIC] >= self.bar
+        epoch = round(step / steps_per_epoch, 2)
+        self.outcome.epochs.append({"epoch": epoch, "step": step, **scores, "meets_bar": meets,
+                                    "stopped_by": "max_steps"})
+        self.stopped = (epoch, meets)
+        logger.info("stopped by max_steps at step %d (epoch %.2f): %s", step, epoch, _fmt(scores))
+
     def choose(self, model) -> dict[str, Any]:
         """Load the selected epoch's weights into ``model`` and describe the choice."""
         rule = f"{SELECTION_RULE} ({self.target_utility:.2f} x {self.threshold} -> bar {self.bar:.2f})"
-        if self.plateau is not None:
+        if self.stopped is not None:
+            (epoch, met), state, how = self.stopped, None, "stopped by max_steps (the weights where it stopped)"
+            rule = f"none: max_steps cut the run ({self.target_utility:.2f} x {self.threshold} -> bar {self.bar:.2f})"
+        elif self.plateau is not None:
             (epoch, state), met, how = self.plateau, True, "plateau"
         elif self.single is not None:
             (epoch, state), met, how = self.single, True, "single epoch"
@@ -374,8 +390,11 @@ def unlearn(
         outcome.timings["train"] = time.perf_counter() - started - outcome.timings.get("evaluation", 0.0)
     defense.finish(model)  # e.g. weight averaging: the mean replaces the last weights
     outcome.loss_per_step = [h["loss"] for h in result.history]
-    _add_epoch_losses(outcome, result.history)
     outcome.training["steps"] = result.steps
+    if selector is not None and result.steps % outcome.training["steps_per_epoch"]:
+        # max_steps ended the run inside an epoch: no epoch hook measured these weights.
+        main_only(selector.after_stop)(result.steps, outcome.training["steps_per_epoch"], model)
+    _add_epoch_losses(outcome, result.history)
     if selector is not None:
         # The main process measured and chooses; every process gets its table and choice. Only
         # the main process's model holds the chosen epoch's weights (it is the one saved).
@@ -448,7 +467,8 @@ def _add_epoch_losses(outcome: UnlearnOutcome, history: list[dict]) -> None:
         for key in ("loss", "forget_loss", "retain_loss"):
             if key in row:
                 by_epoch.setdefault(row["epoch"], {}).setdefault(key, []).append(row[key])
-    rows = {row["epoch"]: row for row in outcome.epochs}
+    # A run cut mid-epoch has a fractional last row (1.5): the losses of epoch 2 so far are its.
+    rows = {math.ceil(row["epoch"]): row for row in outcome.epochs}
     for epoch, losses in sorted(by_epoch.items()):
         row = rows.get(epoch)
         if row is None:
