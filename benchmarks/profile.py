@@ -31,10 +31,10 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from benchmarks.core.env import CACHE_ENV, cache_root
 from benchmarks.core.errors import UsageError, run_cli
 
 PROG = "python -m benchmarks.profile"
-CACHE_ENV = "RELEARN_BENCH_CACHE"  # the variable benchmarks.world reads
 
 #: Stages of a run in pipeline order: the runner's ``timings`` key and how the table names it.
 STAGES = (
@@ -231,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         environment = result.get("environment") or {}
         print()
         print(f"profile of: {result.get('command', PROG)}")
-        print(f"cache: {cache or os.environ.get(CACHE_ENV) or '~/.cache/relearn-bench'}"
+        print(f"cache: {cache or cache_root()}"
               + (" (cold: a fresh temporary cache)" if args.cold else ""))
         print(f"device: {environment.get('device', '?')}, torch threads: {environment.get('threads', '?')}")
         print(tabulate(table, headers=["stage", "seconds", "share"], tablefmt="github", disable_numparse=True))

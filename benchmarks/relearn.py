@@ -37,7 +37,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import re
 import sys
 import time
@@ -401,8 +400,9 @@ def _resolve_data(source: str, dry_run: bool, notes: list[str]) -> str:
     try:
         return resolve_source(source).kind
     except UsageError as err:
-        offline = any(os.environ.get(v, "").upper() in {"1", "ON", "YES", "TRUE"}
-                      for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+        from benchmarks.core.env import offline_switches
+
+        offline = bool(offline_switches())
         if dry_run and offline and "is set" in str(err):
             notes.append(f"data {source!r} is a hub id and the hub is switched off here; the real run needs "
                          "the network or a local copy")

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Mapping
 
+from benchmarks.core.env import offline_switches
 from benchmarks.core.errors import DataError, UsageError
 from benchmarks.core.hub_layout import find_data_files, has_hub_configs, read_hub_configs, write_hub_layout
 
@@ -106,7 +107,6 @@ def world_root_models(source: str) -> WorldModels | None:
 
 # owner/name as the hub spells dataset ids.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-_TRUE = {"1", "ON", "YES", "TRUE"}
 
 
 # --------------------------------------------------------------------------- hashing
@@ -319,7 +319,7 @@ def resolve_source(source: str) -> SourceSpec:
             f"data source {source!r} is neither 'world', an existing directory, nor a hub id like "
             "'muse-bench/MUSE-News'; check the path"
         )
-    offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if os.environ.get(v, "").upper() in _TRUE]
+    offline = offline_switches()
     if offline:
         raise UsageError(
             f"data source {source!r} is a hub id (no local directory of that name exists) but "

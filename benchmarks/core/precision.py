@@ -85,10 +85,9 @@ def fsdp_fallback(distributed_type, environ=None) -> str | None:
     (``ACCELERATE_USE_CPU=1``) it starts plain data parallelism (``MULTI_CPU``), and each process
     then holds the whole model, its gradients and AdamW's moments -- the memory plan's FSDP line
     does not apply. The result file records the distributed type the run really had."""
-    import os
+    from benchmarks.core.env import env_flag
 
-    environ = os.environ if environ is None else environ
-    asked = environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+    asked = env_flag("ACCELERATE_USE_FSDP", environ)
     kind = str(getattr(distributed_type, "value", distributed_type))
     if not asked or kind == "FSDP":
         return None

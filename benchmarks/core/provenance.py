@@ -19,13 +19,15 @@ import logging
 import os
 from pathlib import Path
 
+from benchmarks.core.env import env_flag
+
 logger = logging.getLogger(__name__)
 
 _FINGERPRINTS: dict[tuple, str] = {}
 
 
 def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+    return env_flag("HF_HUB_OFFLINE")
 
 
 def cached_commit(repo_id: str, revision: str = "main", cache_dir: str | os.PathLike | None = None) -> str | None:

@@ -28,12 +28,12 @@ naming the config (and file, row and field).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from benchmarks.core.data import file_sha256, records_sha256
+from benchmarks.core.env import offline_switches
 from benchmarks.core.errors import DataError, UsageError
 
 TOFU_HUB_ID = "locuslab/TOFU"
@@ -247,8 +247,7 @@ def resolve_tofu_source(source: str) -> TofuSource:
     if source == TOFU_WORLD:
         return TofuSource("world", TOFU_WORLD)
     if source in (TOFU_ALIAS, TOFU_HUB_ID):
-        offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-                   if os.environ.get(v, "").upper() in {"1", "ON", "YES", "TRUE"}]
+        offline = offline_switches()
         if offline:
             raise UsageError(
                 f"TOFU data {source!r} comes from the hub ({TOFU_HUB_ID}) but {offline[0]} is set; unset it, "

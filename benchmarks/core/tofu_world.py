@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 import shutil
 import time
@@ -39,6 +38,7 @@ from typing import Sequence
 import torch
 
 from benchmarks.core.chat_format import PromptSettings, collate_pairs, encode_pair, llama3_style_tokenizer, pad_id_for
+from benchmarks.core.env import cache_root
 from benchmarks.core.errors import UsageError
 from benchmarks.core.logprobs import masked_mean_nll
 from benchmarks.core.models import TinyLlamaSpec, tiny_llama
@@ -48,7 +48,6 @@ from benchmarks.core.training import TrainConfig, plain_step, train
 logger = logging.getLogger(__name__)
 
 TOFU_WORLD_VERSION = 1
-CACHE_ENV = "RELEARN_BENCH_CACHE"
 UTILITY_REPEATS = 4
 
 _SYLLABLES = ["ka", "lo", "mir", "ven", "dra", "sol", "tem", "qui", "bar", "nel", "os", "ru", "fen", "ta",
@@ -338,10 +337,6 @@ class TofuWorld:
         data = load_tofu(str(self.data_dir), forget_split, num_authors=self.config.num_authors,
                          forget_authors=counts[forget_split])
         return TofuData(source="tofu-world", kind="world", forget_split=data.forget_split, splits=data.splits)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "relearn-bench").expanduser()
 
 
 ROOT_MANIFEST = "manifest.json"

@@ -257,10 +257,11 @@ class _EpochSelector:
 
     def choose(self, model) -> dict[str, Any]:
         """Load the selected epoch's weights into ``model`` and describe the choice."""
-        rule = f"{SELECTION_RULE} ({self.target_utility:.2f} x {self.threshold} -> bar {self.bar:.2f})"
+        bar = f"({self.target_utility:.2f} x {self.threshold} -> bar {self.bar:.2f})"
+        rule = f"{SELECTION_RULE} {bar}"
         if self.stopped is not None:
             (epoch, met), state, how = self.stopped, None, "stopped by max_steps (the weights where it stopped)"
-            rule = f"none: max_steps cut the run ({self.target_utility:.2f} x {self.threshold} -> bar {self.bar:.2f})"
+            rule = f"none: max_steps cut the run {bar}"
         elif self.plateau is not None:
             (epoch, state), met, how = self.plateau, True, "plateau"
         elif self.single is not None:

@@ -63,6 +63,7 @@ from typing import Sequence
 
 import torch
 
+from benchmarks.core.env import CACHE_ENV, cache_root  # noqa: F401 (cache_root: callers import it from here)
 from benchmarks.core.errors import UsageError
 from benchmarks.core.models import TinyLlamaSpec, tiny_llama
 from benchmarks.core.tokenizer import cut_after, encode_cut_after
@@ -72,7 +73,6 @@ logger = logging.getLogger(__name__)
 
 #: Bump when the build recipe changes what a given configuration produces.
 WORLD_VERSION = 1
-CACHE_ENV = "RELEARN_BENCH_CACHE"
 MANIFEST = "world.json"
 
 
@@ -149,11 +149,6 @@ class WorldPaths:
     def at(cls, root: str | os.PathLike) -> WorldPaths:
         root = Path(root)
         return cls(root, root / "corpus", root / "target", root / "retrain")
-
-
-def cache_root() -> Path:
-    """``$RELEARN_BENCH_CACHE``, else ``~/.cache/relearn-bench``."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "relearn-bench").expanduser()
 
 
 def default_world_dir(config: WorldBuildConfig) -> Path:
