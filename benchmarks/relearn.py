@@ -212,7 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--dry-run", action="store_true", help="print the full plan and exit without loading anything")
 
     misc = parser.add_argument_group("machine")
-    misc.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    misc.add_argument("--threads", type=int, default=None, help="torch CPU threads (shared among the --jobs workers)")
+    misc.add_argument("--jobs", type=int, default=None,
+                      help="trajectories (one model under one attack seed) run at once, each in a process of its own "
+                           "with its share of the threads; default: on a CPU with the embedded world, one per core "
+                           "(at most 4), else 1")
     misc.add_argument("--gradient-checkpointing", action="store_true",
                       help="recompute activations in the backward pass of defenses and attacks (less memory, "
                            "same numbers)")
@@ -285,6 +289,9 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     gradient_checkpointing: bool = False  # memory only: the numbers, and so the plan's key, do not change
     checkpoint_every: int = 0
+    #: Trajectories at once, each in a worker process (1: all in this process). Where they run
+    #: does not enter the plan's key: each trajectory computes the same either way.
+    jobs: int = 1
     # KnowMem-retain at every milestone, not only at step 0 and the last (the lr sweep's cap needs it)
     retain_every_milestone: bool = False
     #: PrivLeak's reference when no retrain curve runs: a world's retrain checkpoint (``WORLD``:
@@ -487,6 +494,8 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
     if args.checkpoint_every < 0:
         raise UsageError(f"--checkpoint-every must be >= 0 steps, got {args.checkpoint_every}")
+    if args.jobs is not None and args.jobs < 1:
+        raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
     dtype = args.dtype or preset["dtype"]
 
     # ---- the models
@@ -618,10 +627,28 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
         checkpoint_every=args.checkpoint_every,
         privleak_reference=privleak_reference,
     )
+    # The world's own models (the default one, or a built world's root) are small enough for a copy per core.
+    plan.jobs = _resolve_jobs(args.jobs, plan, small_models=world or world_models is not None)
     state_root = Path(args.state_dir) if args.state_dir else _default_state_root()
     _check_writable_dir(state_root, "--state-dir")
     plan.state_dir = state_root / plan.key()
     return plan
+
+
+def _resolve_jobs(requested: int | None, plan: Plan, small_models: bool) -> int:
+    """``--jobs`` as given (checked), or its default (:func:`benchmarks.core.job_pool.default_jobs`)."""
+    from benchmarks.core.job_pool import default_jobs
+    from benchmarks.core.processes import world_size
+
+    trajectories = len(plan.roles) * len(plan.seeds)
+    if world_size() > 1:
+        if requested is not None and requested > 1:
+            raise UsageError(f"--jobs {requested} runs trajectories in processes of its own; under accelerate launch "
+                             "every process trains the same trajectory. Drop --jobs, or start without accelerate launch")
+        return 1
+    if requested is not None:
+        return min(requested, max(1, trajectories))
+    return default_jobs(cpu=_device() == "cpu", small_models=small_models, trajectories=trajectories)
 
 
 def _world_status() -> tuple[str, str]:
@@ -682,6 +709,7 @@ def format_plan(plan: Plan) -> str:
             "batch_size": plan.eval_batch_size,
             "model_evaluations": len(plan.roles) * (1 + len(plan.seeds) * (len(plan.milestones) - 1)),
         },
+        "trajectories": {"count": len(plan.roles) * len(plan.seeds), "at_once": plan.jobs},
         "output": {**dict(zip(("yaml", "png"), map(str, plan.output_paths("<run id>")))),
                    "resume_state": str(plan.state_dir), "checkpoints_at_milestones": plan.checkpoints,
                    "checkpoint": _checkpoint_estimate(plan)},
@@ -903,6 +931,8 @@ def _attack_one(plan: Plan, role: Role, seed: int, texts: list[str], evalset, st
 
     @main_only
     def state_hook(step: int, loop_state: dict) -> None:
+        if step == last:
+            return  # the finished trajectory's record is written next; weights to resume from are not needed
         state.save_checkpoint(seed, role.label, {
             "trainable_state": attack.trainable_state(model),
             "loop_state": loop_state,
@@ -934,6 +964,110 @@ def _attack_one(plan: Plan, role: Role, seed: int, texts: list[str], evalset, st
         "attack_seconds": seconds - eval_seconds,
         "eval_seconds": eval_seconds,
     }
+
+
+def _trajectory_job(plan: Plan, role: Role, seed: int, texts: list[str], evalset,
+                    retrain_auc: float | None, zero_point: dict | None) -> dict:
+    """:func:`_attack_one` in a worker process of ``--jobs`` (its own view of the resume state)."""
+    state = RunState(plan.state_dir, plan.checkpoints, plan.checkpoint_every)
+    return _attack_one(plan, role, seed, texts, evalset, state, retrain_auc, zero_point)
+
+
+def _run_trajectories(plan: Plan, jobs: list[tuple[int, Role]], texts_for, evalset, state: RunState,
+                      retrain_auc: float | None, finish, timings: dict) -> dict[tuple[int, str], dict]:
+    """Every trajectory's record, keyed by (seed, label): those an interrupted run finished, then
+    the rest, in this process or ``plan.jobs`` at once in workers; each is recorded in the run
+    state as soon as it ends. ``timings`` gains the attack and evaluation seconds.
+
+    Before its first update a model is the same whatever the seed, so its step 0 is measured by
+    the first trajectory of that checkpoint and reused by the others (the T/V grouping, which
+    depends on the seed, is applied later); in workers, those others wait for it.
+    """
+    from benchmarks.core.processes import from_main, is_main
+
+    records: dict[tuple[int, str], dict] = {}
+    zero_points: dict[str, dict] = {}  # checkpoint -> its step-0 measurement
+    todo = []
+    for seed, role in jobs:
+        record = from_main(lambda: state.finished(seed, role.label))
+        if record is None:
+            todo.append((seed, role))
+        else:
+            records[seed, role.label] = record
+            zero_points.setdefault(role.ref_for(seed), record["curve"]["0"])
+    worker_seconds = {"attack": 0.0, "evaluation": 0.0}
+    began = time.perf_counter()
+
+    def arrived(seed: int, role: Role, record: dict) -> None:
+        records[seed, role.label] = record
+        zero_points.setdefault(role.ref_for(seed), record["curve"]["0"])
+        worker_seconds["attack"] += record["attack_seconds"]
+        worker_seconds["evaluation"] += record["eval_seconds"]
+
+    jobs_at_once = plan.jobs
+    if jobs_at_once > 1 and plan.privleak and retrain_auc is None:
+        # The retrain curve's step-0 AUC is every other curve's PrivLeak reference: it comes first.
+        logger.info("--jobs %d: running the trajectories one at a time (PrivLeak's reference comes from the "
+                    "retrain curve of this run)", jobs_at_once)
+        jobs_at_once = 1
+    jobs_at_once = min(jobs_at_once, len(todo))
+    if jobs_at_once <= 1:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(todo, desc="attacks", disable=not (plan.progress and sys.stderr.isatty() and is_main()), leave=False)
+        for seed, role in bar:
+            bar.set_postfix_str(f"{role.label} seed {seed}")
+            record = _attack_one(plan, role, seed, texts_for(seed), evalset, state, retrain_auc,
+                                 zero_points.get(role.ref_for(seed)))
+            arrived(seed, role, from_main(lambda: finish(seed, role, record)))
+            if role.kind == "retrain" and plan.privleak and retrain_auc is None:
+                retrain_auc = record["curve"]["0"].get("privleak_auc")
+                state.update_meta(retrain_auc=retrain_auc)
+        bar.close()
+    else:
+        _run_in_workers(plan, todo, jobs_at_once, texts_for, evalset, retrain_auc, zero_points, finish, arrived)
+    # Counted from the records, so a resumed run reports the time of the whole run. Workers
+    # overlap: their seconds are scaled to the wall-clock time they took together.
+    recorded = {stage: sum(records[seed, role.label][key] for seed, role in jobs)
+                for stage, key in (("attack", "attack_seconds"), ("evaluation", "eval_seconds"))}
+    if jobs_at_once > 1 and sum(worker_seconds.values()) > 0:
+        wall = time.perf_counter() - began
+        scale = wall / sum(worker_seconds.values())
+        recorded = {stage: recorded[stage] - worker_seconds[stage] + worker_seconds[stage] * scale
+                    for stage in recorded}
+    for stage, seconds in recorded.items():
+        timings[stage] = timings.get(stage, 0.0) + seconds
+    return records
+
+
+def _run_in_workers(plan: Plan, todo: list[tuple[int, Role]], jobs_at_once: int, texts_for, evalset,
+                    retrain_auc: float | None, zero_points: dict, finish, arrived) -> None:
+    """The trajectories of ``todo`` in ``jobs_at_once`` worker processes sharing this process's
+    torch threads; a trajectory whose checkpoint's step 0 is being measured waits for it."""
+    import torch
+
+    from benchmarks.core.job_pool import JobPool, threads_per_job
+
+    threads = threads_per_job(torch.get_num_threads(), jobs_at_once)
+    logger.info("%d trajectories, %d at once in worker processes of %d torch thread(s) each",
+                len(todo), jobs_at_once, threads)
+    quiet_plan = replace(plan, progress=False)  # bars from several processes would garble each other
+    waiting, measuring = list(todo), set()  # checkpoints whose step 0 a running trajectory measures
+    with JobPool(jobs_at_once, threads, verbose=logger.isEnabledFor(logging.DEBUG)) as pool:
+        while waiting or pool.running:
+            for seed, role in list(waiting):
+                ref = role.ref_for(seed)
+                if ref in measuring:
+                    continue
+                if ref not in zero_points:
+                    measuring.add(ref)
+                pool.submit((seed, role), _trajectory_job, quiet_plan, role, seed, texts_for(seed), evalset,
+                            retrain_auc, zero_points.get(ref))
+                waiting.remove((seed, role))
+            (seed, role), record = pool.next_done()
+            measuring.discard(role.ref_for(seed))
+            arrived(seed, role, finish(seed, role, record))
+            logger.info("%s, seed %d: trajectory done (%d to go)", role.label, seed, len(waiting) + pool.running)
 
 
 def _reference_auc(plan: Plan, evalset) -> float:
@@ -1019,44 +1153,44 @@ def execute(plan: Plan) -> dict:
     groups = {seed: guarded_groups(evalset.forget_qa, attribution.get("knowmem/forget_qa"), split, text_of)
               for seed, split in splits.items()}
     verbmem_groups = {seed: question_groups(evalset.verbmem, split) for seed, split in splits.items()}
-    trajectories: dict[int, dict[str, dict]] = {}
-    zero_points: dict[str, dict] = {}  # checkpoint -> its step-0 measurement
-    from tqdm.auto import tqdm
-
     jobs = [(seed, role) for seed in plan.seeds for role in plan.roles]
-    bar = tqdm(jobs, desc="attacks", disable=not (plan.progress and sys.stderr.isatty() and is_main()), leave=False)
-    for seed, role in bar:
-        bar.set_postfix_str(f"{role.label} seed {seed}")
-        record = from_main(lambda: state.finished(seed, role.label))
-        if record is None:
+    texts_of = {}
+
+    def texts_for(seed: int) -> list[str]:  # what the attack trains on: T's documents, or (benign) other text
+        if seed not in texts_of:
             from attacks import attack_class
 
-            # What the attack trains on: T's documents, or (benign) text without forget knowledge.
-            texts = attack_class(plan.attack)(plan.attack_config).documents(
+            texts_of[seed] = attack_class(plan.attack)(plan.attack_config).documents(
                 [text_of[d] for d in splits[seed].train], data, seed)
-            record = _attack_one(plan, role, seed, texts, evalset, state, retrain_auc,
-                                 zero_points.get(role.ref_for(seed)))
+        return texts_of[seed]
 
-            def finish(record=record) -> dict:  # what the main process measured, for every process
-                state.finish(seed, role.label, record)
-                return record
+    def finish(seed: int, role: Role, record: dict) -> dict:  # what the main process measured, for every process
+        state.finish(seed, role.label, record)
+        return record
 
-            record = from_main(finish)
-        # Counted from the records, so a resumed run reports the time of the whole run.
-        timings["attack"] = timings.get("attack", 0.0) + record["attack_seconds"]
-        timings["evaluation"] = timings.get("evaluation", 0.0) + record["eval_seconds"]
-        zero_points.setdefault(role.ref_for(seed), record["curve"]["0"])
+    records = _run_trajectories(plan, jobs, texts_for, evalset, state, retrain_auc, finish, timings)
+    trajectories: dict[int, dict[str, dict]] = {}
+    for seed, role in jobs:
+        record = records[seed, role.label]
+        trajectories.setdefault(seed, {})[role.label] = record
         if role.kind == "retrain" and plan.privleak and retrain_auc is None:
             retrain_auc = record["curve"]["0"].get("privleak_auc")
-            state.update_meta(retrain_auc=retrain_auc)
-        trajectories.setdefault(seed, {})[role.label] = record
-    bar.close()
     timings["total"] = time.perf_counter() - began
     return build_result(plan, meta, model_records, data, splits, groups, trajectories, timings, retrain_auc,
                         verbmem_groups=verbmem_groups, attribution=attribution)
 
 
 # --------------------------------------------------------------------------- the result
+
+
+def _jobs_record(plan: Plan) -> dict:
+    """How the trajectories ran: how many at once (``--jobs``) and with how many torch threads each."""
+    import torch
+
+    from benchmarks.core.job_pool import threads_per_job
+
+    threads = torch.get_num_threads()
+    return {"jobs": plan.jobs, "threads_per_job": threads_per_job(threads, plan.jobs) if plan.jobs > 1 else threads}
 
 
 def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict, groups: dict,
@@ -1204,7 +1338,7 @@ def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict
             for label in labels
         },
         **({"attribution": {**attribution.to_dict(), "heldout_guard": GUARD_RULE}} if attribution is not None else {}),
-        "environment": environment_info(_device()),
+        "environment": {**environment_info(_device()), **_jobs_record(plan)},
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
     # Which runs a leaderboard may compare: the same attack, settings, seeds and T/V rule.

@@ -148,3 +148,39 @@ def test_bad_arguments(model_and_tokenizer):
         greedy_generate(model, tokenizer, ["x"], max_new_tokens=512)
     with pytest.raises(UsageError, match="batch size"):
         greedy_generate(model, tokenizer, ["x"], max_new_tokens=4, batch_size=0)
+
+
+def test_the_preallocated_cache_generates_the_tokens_of_the_default_cache(model_and_tokenizer):
+    from benchmarks.core.generation import _left_pad
+    from benchmarks.core.kv_cache import PreallocatedLayer, decoding_cache
+
+    model, tokenizer = model_and_tokenizer
+    rows = [tokenizer(p)["input_ids"] for p in PROMPTS[:6]]
+    input_ids, attention_mask = _left_pad(rows, tokenizer.pad_token_id)
+    settings = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=12, do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id)
+    default = model.generate(**settings)
+    cache = decoding_cache(model, input_ids.shape[1] + 12)
+    preallocated = model.generate(**settings, past_key_values=cache)
+    assert torch.equal(default, preallocated)
+    assert len(set(map(tuple, default[:, input_ids.shape[1]:].tolist()))) == 6, "rows should differ for this test"
+    layer = cache.layers[0]
+    assert isinstance(layer, PreallocatedLayer)
+    # Every position but the last generated token was written into the buffer, never re-allocated.
+    assert layer.keys.data_ptr() == layer.key_buffer.data_ptr()
+    assert layer.keys.shape[-2] == input_ids.shape[1] + 11
+
+
+def test_a_preallocated_layer_past_its_capacity_falls_back_to_concatenation():
+    from benchmarks.core.kv_cache import PreallocatedLayer
+
+    generator = torch.Generator().manual_seed(0)
+    parts = [torch.randn(2, 3, n, 4, generator=generator) for n in (3, 1, 2)]
+    layer = PreallocatedLayer(capacity=4)
+    for part in parts:
+        keys, values = layer.update(part, -part)
+    expected = torch.cat(parts, dim=-2)
+    assert torch.equal(keys, expected) and torch.equal(values, -expected)
+    assert layer.get_seq_length() == 6
+    with pytest.raises(ValueError, match="capacity"):
+        PreallocatedLayer(capacity=0)

@@ -274,7 +274,7 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_numbers(tmp_path, 
     monkeypatch.setattr(relearn.RunState, "save_checkpoint", interrupted)
     with pytest.raises(KeyboardInterrupt):
         relearn.main(_run_args(gpt2_dir, muse_dir, out, state, *extra))
-    assert calls == [0, 0, 1]
+    assert calls == [0, 1]  # seed 0 at step 2 (none at its last step, where its record is written), seed 1 at step 2
     assert not out.exists() or not any(out.iterdir())  # no partial result file
     checkpoints = list(state.rglob("*.ckpt"))  # the one trajectory in progress, in safetensors + JSON
     assert len(checkpoints) == 1 and (checkpoints[0] / "weights.safetensors").is_file()
@@ -433,6 +433,41 @@ def test_two_cpu_processes_write_one_result_with_the_numbers_of_one_process(
     leak = double["curves"]["npo"]["metrics"]["privleak"]["per_seed"][0]
     assert leak[0] is not None and leak[-1] is not None  # a continuous score, so the comparison bites
     assert len(double["models"]["npo"]["unlearning"]["defense_seed_0"]["epochs"]) == 11  # measured once per epoch
+
+
+@pytest.mark.slow
+def test_trajectories_in_two_worker_processes_give_the_numbers_of_one_process(tmp_path, muse_dir, llama_dir,
+                                                                              monkeypatch):
+    # Two models (the target and its NPO model) under two attack seeds: the seed-0 trajectories
+    # run at once and measure step 0, the seed-1 ones wait for it. One thread per trajectory in
+    # both runs, so each trajectory computes exactly what it computes alone.
+    monkeypatch.setenv("RELEARN_BENCH_CACHE", str(tmp_path / "cache"))  # NPO unlearned once, for both runs
+    (muse_dir / "raw" / "retain1.json").write_text(json.dumps(  # NPO's retain term
+        [{"text": "Farmers in Pellow reported the wettest spring in forty years."}]), encoding="utf-8")
+
+    def args(name: str, *extra) -> list[str]:
+        argv = _run_args(llama_dir, muse_dir, tmp_path / name / "out", tmp_path / name / "state",
+                         "--seeds", "0,1", *extra)
+        argv[argv.index("--defense") + 1] = "npo"
+        return argv
+
+    assert relearn.main(args("one", "--threads", "1", "--jobs", "1")) == 0
+    assert relearn.main(args("two", "--threads", "2", "--jobs", "2")) == 0
+    single, double = (read_result(_only_result(tmp_path / name / "out")) for name in ("one", "two"))
+    assert validate_result(double) == []
+    assert (single["environment"]["jobs"], double["environment"]["jobs"]) == (1, 2)
+    assert double["environment"]["threads_per_job"] == 1
+    assert list(double["curves"]) == ["target", "npo"]
+    assert double["curves"] == single["curves"]
+    assert double["summary"] == single["summary"]
+    assert double["trajectories"] == single["trajectories"]
+    per_seed = double["curves"]["npo"]["metrics"]["verbmem_forget"]["per_seed"]
+    assert per_seed[0][0] == per_seed[1][0] and per_seed[0][-1] != per_seed[1][-1]  # shared step 0, own attacks
+    losses = {seed: t["losses"] for seed, t in double["trajectories"]["npo"].items()}
+    assert losses[0] != losses[1]
+    timings = double["timings"]
+    assert timings["attack"] + timings["evaluation"] <= timings["total"]  # overlapping workers counted once
+    assert list((tmp_path / "two" / "state").iterdir()) == []
 
 
 def _close(a, b, rel: float = 1e-6) -> bool:
