@@ -214,9 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     misc = parser.add_argument_group("machine")
     misc.add_argument("--threads", type=int, default=None, help="torch CPU threads (shared among the --jobs workers)")
     misc.add_argument("--jobs", type=int, default=None,
-                      help="trajectories (one model under one attack seed) run at once, each in a process of its own "
-                           "with its share of the threads; default: on a CPU with the embedded world, one per core "
-                           "(at most 4), else 1")
+                      help="trajectories (one model under one attack seed) and unlearning runs at once, each in a "
+                           "process of its own with its share of --threads; default: on a CPU with the embedded "
+                           "world's models, one per core (at most 4) with one torch thread each, so every machine "
+                           "computes the same; else 1")
     misc.add_argument("--gradient-checkpointing", action="store_true",
                       help="recompute activations in the backward pass of defenses and attacks (less memory, "
                            "same numbers)")
@@ -292,6 +293,10 @@ class Plan:
     #: Trajectories at once, each in a worker process (1: all in this process). Where they run
     #: does not enter the plan's key: each trajectory computes the same either way.
     jobs: int = 1
+    #: Torch threads of each trajectory and unlearning run when ``jobs`` > 1, in a worker or in
+    #: this process (None: this process's threads). By default 1, so that every machine runs the
+    #: same kernels whatever its core count.
+    job_threads: int | None = None
     # KnowMem-retain at every milestone, not only at step 0 and the last (the lr sweep's cap needs it)
     retain_every_milestone: bool = False
     #: PrivLeak's reference when no retrain curve runs: a world's retrain checkpoint (``WORLD``:
@@ -629,6 +634,15 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str] | None) -> Plan:
     )
     # The world's own models (the default one, or a built world's root) are small enough for a copy per core.
     plan.jobs = _resolve_jobs(args.jobs, plan, small_models=world or world_models is not None)
+    if plan.jobs > 1:
+        from benchmarks.core.job_pool import threads_per_job
+
+        if args.jobs is None and args.threads is None:
+            plan.job_threads = 1
+        else:
+            import torch
+
+            plan.job_threads = threads_per_job(args.threads or torch.get_num_threads(), plan.jobs)
     state_root = Path(args.state_dir) if args.state_dir else _default_state_root()
     _check_writable_dir(state_root, "--state-dir")
     plan.state_dir = state_root / plan.key()
@@ -709,7 +723,8 @@ def format_plan(plan: Plan) -> str:
             "batch_size": plan.eval_batch_size,
             "model_evaluations": len(plan.roles) * (1 + len(plan.seeds) * (len(plan.milestones) - 1)),
         },
-        "trajectories": {"count": len(plan.roles) * len(plan.seeds), "at_once": plan.jobs},
+        "trajectories": {"count": len(plan.roles) * len(plan.seeds), "at_once": plan.jobs,
+                         **({"torch_threads_each": plan.job_threads} if plan.job_threads else {})},
         "output": {**dict(zip(("yaml", "png"), map(str, plan.output_paths("<run id>")))),
                    "resume_state": str(plan.state_dir), "checkpoints_at_milestones": plan.checkpoints,
                    "checkpoint": _checkpoint_estimate(plan)},
@@ -800,7 +815,11 @@ def _prepare_models(plan: Plan, data, timings: dict) -> tuple[dict[str, dict], s
             if role.base == "world/target":
                 role.base = world_refs["target"]
         base_ref = base_ref or world_refs["target"]
+    from benchmarks.core.job_pool import torch_threads
+
     records = {}
+    with timed(timings, "defense"):
+        at_once = _unlearn_at_once(plan, data)
     for role in plan.roles:
         if role.kind == "defended":
             from benchmarks.core.unlearning import unlearn_cached
@@ -808,11 +827,14 @@ def _prepare_models(plan: Plan, data, timings: dict) -> tuple[dict[str, dict], s
 
             unlearned: dict[int, str] = {}  # unlearning seed -> checkpoint
             try:
-                with timed(timings, "defense"):
+                with timed(timings, "defense"), torch_threads(plan.job_threads):
                     for attack_seed, defense_seed in role.defense_seeds.items():
                         if defense_seed not in unlearned:
+                            done = at_once.get((role.label, defense_seed))
+                            if isinstance(done, TrainingDiverged):
+                                raise done
                             settings = {**role.defense_config, "seed": defense_seed}
-                            unlearned[defense_seed] = str(unlearn_cached(
+                            unlearned[defense_seed] = done or str(unlearn_cached(
                                 role.base, role.defense, settings, data, registry=DEFENSES, dtype=plan.dtype,
                                 progress=plan.progress, gradient_checkpointing=plan.gradient_checkpointing))
                         role.seed_refs[attack_seed] = unlearned[defense_seed]
@@ -847,6 +869,51 @@ def _prepare_models(plan: Plan, data, timings: dict) -> tuple[dict[str, dict], s
         raise TrainingDiverged("every model of the run diverged while unlearning: "
                                + "; ".join(r["error"] for r in records.values()))
     return records, base_ref
+
+
+def _unlearn_job(base: str, defense: str, settings: dict, data, dtype: str, gradient_checkpointing: bool) -> str:
+    """One unlearning run in a worker process of ``--jobs`` (it fills the cache the main process reads)."""
+    from benchmarks.core.unlearning import unlearn_cached
+    from defenses import DEFENSES
+
+    return str(unlearn_cached(base, defense, settings, data, registry=DEFENSES, dtype=dtype,
+                              gradient_checkpointing=gradient_checkpointing))
+
+
+def _unlearn_at_once(plan: Plan, data) -> dict[tuple[str, int], str | TrainingDiverged]:
+    """With ``--jobs`` above 1 and at least two models to unlearn that the cache lacks, unlearn
+    them in worker processes at once: per (defense label, unlearning seed) the checkpoint, or the
+    divergence that stopped it. Otherwise nothing (the caller unlearns in this process)."""
+    from benchmarks.core.unlearning import unlearn_cached
+    from defenses import DEFENSES
+
+    if plan.jobs < 2:
+        return {}
+    missing = []
+    for role in plan.roles_of("defended"):
+        for defense_seed in sorted(set(role.defense_seeds.values())):
+            settings = {**role.defense_config, "seed": defense_seed}
+            if unlearn_cached(role.base, role.defense, settings, data, registry=DEFENSES, dtype=plan.dtype,
+                              build=False) is None:
+                missing.append((role, defense_seed, settings))
+    if len(missing) < 2:
+        return {}
+    from benchmarks.core.job_pool import JobPool
+
+    workers, threads = min(plan.jobs, len(missing)), plan.job_threads
+    logger.info("unlearning %d models, %d at once in worker processes of %d torch thread(s) each",
+                len(missing), workers, threads)
+    done: dict[tuple[str, int], str | TrainingDiverged] = {}
+    with JobPool(workers, threads, verbose=logger.isEnabledFor(logging.DEBUG)) as pool:
+        for role, defense_seed, settings in missing:
+            pool.submit((role.label, defense_seed), _unlearn_job, role.base, role.defense, settings, data,
+                        plan.dtype, plan.gradient_checkpointing)
+        while pool.running:
+            key, outcome = pool.next_done(expected=(TrainingDiverged,))
+            done[key] = outcome
+            logger.info("%s, unlearning seed %d: %s", *key,
+                        "diverged" if isinstance(outcome, TrainingDiverged) else f"unlearned to {outcome}")
+    return done
 
 
 def _diverged_record(role: Role, err: TrainingDiverged) -> dict:
@@ -1014,11 +1081,14 @@ def _run_trajectories(plan: Plan, jobs: list[tuple[int, Role]], texts_for, evals
     if jobs_at_once <= 1:
         from tqdm.auto import tqdm
 
+        from benchmarks.core.job_pool import torch_threads
+
         bar = tqdm(todo, desc="attacks", disable=not (plan.progress and sys.stderr.isatty() and is_main()), leave=False)
         for seed, role in bar:
             bar.set_postfix_str(f"{role.label} seed {seed}")
-            record = _attack_one(plan, role, seed, texts_for(seed), evalset, state, retrain_auc,
-                                 zero_points.get(role.ref_for(seed)))
+            with torch_threads(plan.job_threads):  # as a worker of --jobs would compute it
+                record = _attack_one(plan, role, seed, texts_for(seed), evalset, state, retrain_auc,
+                                     zero_points.get(role.ref_for(seed)))
             arrived(seed, role, from_main(lambda: finish(seed, role, record)))
             if role.kind == "retrain" and plan.privleak and retrain_auc is None:
                 retrain_auc = record["curve"]["0"].get("privleak_auc")
@@ -1042,13 +1112,11 @@ def _run_trajectories(plan: Plan, jobs: list[tuple[int, Role]], texts_for, evals
 
 def _run_in_workers(plan: Plan, todo: list[tuple[int, Role]], jobs_at_once: int, texts_for, evalset,
                     retrain_auc: float | None, zero_points: dict, finish, arrived) -> None:
-    """The trajectories of ``todo`` in ``jobs_at_once`` worker processes sharing this process's
-    torch threads; a trajectory whose checkpoint's step 0 is being measured waits for it."""
-    import torch
+    """The trajectories of ``todo`` in ``jobs_at_once`` worker processes of ``plan.job_threads``
+    torch threads each; a trajectory whose checkpoint's step 0 is being measured waits for it."""
+    from benchmarks.core.job_pool import JobPool
 
-    from benchmarks.core.job_pool import JobPool, threads_per_job
-
-    threads = threads_per_job(torch.get_num_threads(), jobs_at_once)
+    threads = plan.job_threads
     logger.info("%d trajectories, %d at once in worker processes of %d torch thread(s) each",
                 len(todo), jobs_at_once, threads)
     quiet_plan = replace(plan, progress=False)  # bars from several processes would garble each other
@@ -1187,10 +1255,7 @@ def _jobs_record(plan: Plan) -> dict:
     """How the trajectories ran: how many at once (``--jobs``) and with how many torch threads each."""
     import torch
 
-    from benchmarks.core.job_pool import threads_per_job
-
-    threads = torch.get_num_threads()
-    return {"jobs": plan.jobs, "threads_per_job": threads_per_job(threads, plan.jobs) if plan.jobs > 1 else threads}
+    return {"jobs": plan.jobs, "threads_per_job": plan.job_threads or torch.get_num_threads()}
 
 
 def build_result(plan: Plan, meta: dict, model_records: dict, data, splits: dict, groups: dict,
@@ -1422,6 +1487,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if world_size() > 1:
             raise UsageError(f"--data {args.data} runs in one process: start it with {PROG}, not accelerate launch")
+        if args.jobs not in (None, 1):
+            raise UsageError(f"--jobs applies to MUSE-style data; --data {args.data} runs its trajectories in one "
+                             "process (drop --jobs)")
         return run_tofu_relearn(args, argv, ATTACKS, build_defense)
 
     if args.lr_sweep is not None:

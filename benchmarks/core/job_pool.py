@@ -5,8 +5,8 @@ nothing but their inputs. On a CPU, a small model's greedy decoding is bound by 
 overhead, not arithmetic, so one process keeps about one core busy whatever its thread count:
 two processes with one thread each measured 1.55 times the evaluation throughput of one process
 with two threads on a 2-core machine, and 1.35 times the training throughput (README, "Where
-the time goes"). :class:`JobPool` runs jobs in ``spawn``-ed worker processes, each with its share
-of the threads; the caller decides what may run when (a job that reuses another's step-0
+the time goes"). :class:`JobPool` runs jobs in ``spawn``-ed worker processes with a set number of
+torch threads each (:func:`torch_threads` gives a job run in the main process the same); the caller decides what may run when (a job that reuses another's step-0
 measurement waits for it) and records each result as it arrives, so an interrupted run keeps
 every finished job.
 
@@ -16,12 +16,13 @@ with ``--resume`` from what was recorded.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from multiprocessing import get_context
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from benchmarks.core.errors import UsageError
 
@@ -33,6 +34,23 @@ def threads_per_job(total_threads: int, jobs: int) -> int:
     if jobs < 1 or total_threads < 1:
         raise UsageError(f"jobs and threads must be >= 1, got jobs={jobs}, threads={total_threads}")
     return max(1, total_threads // jobs)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """This process's torch threads set to ``threads`` inside the block (None: unchanged), so a
+    job run here computes as it would in a worker with that many threads."""
+    import torch
+
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _start_worker(threads: int, verbose: bool) -> None:
@@ -50,7 +68,8 @@ class JobPool:
 
     ``submit(key, fn, *args)`` starts ``fn(*args)`` in a worker (``fn`` must be importable by
     name: a module-level function); ``next_done()`` waits for any running job and returns
-    ``(key, result)``, re-raising a job's exception in the main process.
+    ``(key, result)``, re-raising a job's exception in the main process (or returning it, for the
+    classes the caller expects).
     """
 
     def __init__(self, jobs: int, threads: int, verbose: bool = False) -> None:
@@ -79,13 +98,18 @@ class JobPool:
     def submit(self, key: Any, fn: Callable, *args) -> None:
         self._running[self._executor.submit(fn, *args)] = key
 
-    def next_done(self) -> tuple[Any, Any]:
+    def next_done(self, expected: tuple[type[BaseException], ...] = ()) -> tuple[Any, Any]:
+        """``(key, result)`` of the next job to end; a job's error of a class in ``expected`` is
+        returned as its result, any other is raised."""
         if not self._running:
             raise RuntimeError("no job is running")
         done, _ = wait(self._running, return_when=FIRST_COMPLETED)
         future = next(iter(done))
         key = self._running.pop(future)
-        return key, future.result()
+        error = future.exception()
+        if error is not None and not isinstance(error, expected):
+            raise error
+        return key, error if error is not None else future.result()
 
     def stop(self) -> None:
         """Drop queued jobs and end the workers now (what they were computing is lost; what

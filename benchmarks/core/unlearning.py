@@ -576,11 +576,13 @@ def unlearn_cached(
     cache_dir: str | os.PathLike | None = None,
     evaluation: EvalPlan | None = EvalPlan(),
     gradient_checkpointing: bool = False,
-) -> Path:
+    build: bool = True,
+) -> Path | None:
     """The checkpoint of ``base_ref`` unlearned by ``defense`` with ``settings`` (default: the
     world preset for the world's data, else the paper's) on ``data`` (a source string or a
     loaded ``MuseData``), built on first use and cached under ``<cache>/unlearned/`` keyed by
-    the base model's hash, the defense, every setting and the data digests."""
+    the base model's hash, the defense, every setting and the data digests. With
+    ``build=False`` only the cache is looked up: None when the model is not there."""
     from benchmarks.core.data import WORLD_KINDS, load_data
     from benchmarks.core.models import load_model
     from benchmarks.core.processes import from_main, world_size
@@ -617,6 +619,8 @@ def unlearn_cached(
     if from_main(cached):
         logger.info("using the cached unlearned model %s", out)
         return out
+    if not build:
+        return None
     started = time.perf_counter()
     model, tokenizer = load_model(base_ref, dtype)
     timings = {"load": time.perf_counter() - started}
