@@ -73,10 +73,20 @@ def _merged_config(name: str, classes: Sequence[type[AttackConfig]]) -> type[Att
         for f in dataclasses.fields(type(first)):
             object.__setattr__(self, f.name, getattr(first, f.name))
 
+    def __reduce__(self):
+        # Built at run time, the class has no importable name: a copy in another process
+        # (benchmarks.relearn --jobs) is rebuilt from the plan's name and the settings.
+        return _rebuilt_config, (name, {k: getattr(self, k) for k in merged})
+
     return dataclasses.make_dataclass(
         f"{name}Config", list(merged.values()), bases=(AttackConfig,),
-        namespace={"__post_init__": __post_init__, "__doc__": f"Settings of the attack plan {name}."},
+        namespace={"__post_init__": __post_init__, "__reduce__": __reduce__,
+                   "__doc__": f"Settings of the attack plan {name}."},
     )
+
+
+def _rebuilt_config(name: str, settings: dict) -> AttackConfig:
+    return attack_class(name).config_class(**settings)
 
 
 class ComposedAttack(Attack):

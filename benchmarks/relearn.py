@@ -290,8 +290,9 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     gradient_checkpointing: bool = False  # memory only: the numbers, and so the plan's key, do not change
     checkpoint_every: int = 0
-    #: Trajectories at once, each in a worker process (1: all in this process). Where they run
-    #: does not enter the plan's key: each trajectory computes the same either way.
+    #: Trajectories at once, each in a worker process (1: all in this process). Neither this nor
+    #: the thread count enters the plan's key: they change how a trajectory's sums are split
+    #: among threads (the last digits of a score), not what is computed.
     jobs: int = 1
     #: Torch threads of each trajectory and unlearning run when ``jobs`` > 1, in a worker or in
     #: this process (None: this process's threads). By default 1, so that every machine runs the

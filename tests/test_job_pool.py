@@ -41,3 +41,20 @@ def test_a_pool_returns_each_result_with_its_key_and_raises_a_jobs_error():
             pool.next_done()
     with pytest.raises(UsageError, match="at least 2 jobs"):
         JobPool(1, threads=1)
+
+
+@pytest.mark.slow
+def test_an_error_in_the_main_process_ends_the_running_workers():
+    import time
+
+    with pytest.raises(KeyboardInterrupt):
+        with JobPool(2, threads=1) as pool:
+            pool.submit("long", time.sleep, 120)
+            workers = list(pool._executor._processes.values())  # started by the first submit
+            raise KeyboardInterrupt
+    # The executor's own thread may reap a worker at the same moment, which can leave is_alive()
+    # a moment behind: wait a little (a worker that was not ended would sleep on for minutes).
+    deadline = time.monotonic() + 10
+    while any(worker.is_alive() for worker in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert workers and not any(worker.is_alive() for worker in workers)

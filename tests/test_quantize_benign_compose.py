@@ -149,6 +149,21 @@ def test_a_plan_is_exact_names_with_the_training_attack_first():
     assert "finetune+quantize" not in ATTACKS  # plans are built, not registered
 
 
+@pytest.mark.slow
+def test_a_plan_config_travels_to_a_worker_process_and_back():
+    import copy
+
+    from benchmarks.core.job_pool import JobPool
+
+    config = make_attack("finetune+quantize", quant_bits=4, steps=7, relearn_docs=3).config
+    with JobPool(2, threads=1) as pool:  # the worker unpickles it, copies it and sends the copy back
+        pool.submit("config", copy.copy, config)
+        _, returned = pool.next_done()
+    assert type(returned) is type(config)
+    assert returned.to_dict() == config.to_dict()
+    assert [type(part) for part in returned.part_configs] == [type(part) for part in config.part_configs]
+
+
 def test_a_plan_config_carries_every_part_setting_and_checks_each():
     attack = make_attack("lora+quantize", quant_bits=8, lora_rank=4, steps=7)
     settings = attack.config.to_dict()

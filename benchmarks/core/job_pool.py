@@ -4,8 +4,8 @@ A relearning run is a set of trajectories -- one model under one attack seed -- 
 nothing but their inputs. On a CPU, a small model's greedy decoding is bound by per-operation
 overhead, not arithmetic, so one process keeps about one core busy whatever its thread count:
 two processes with one thread each measured 1.55 times the evaluation throughput of one process
-with two threads on a 2-core machine, and 1.35 times the training throughput (README, "Where
-the time goes"). :class:`JobPool` runs jobs in ``spawn``-ed worker processes with a set number of
+with two threads on a 2-core machine, and 1.35 times the training throughput (README, "Time on
+2 cores"). :class:`JobPool` runs jobs in ``spawn``-ed worker processes with a set number of
 torch threads each (:func:`torch_threads` gives a job run in the main process the same); the caller decides what may run when (a job that reuses another's step-0
 measurement waits for it) and records each result as it arrives, so an interrupted run keeps
 every finished job.
@@ -114,12 +114,14 @@ class JobPool:
     def stop(self) -> None:
         """Drop queued jobs and end the workers now (what they were computing is lost; what
         the caller recorded is not)."""
+        # The executor has no public way to end running workers before Python 3.14, and it
+        # forgets them on shutdown: take them first.
+        processes = list((getattr(self._executor, "_processes", None) or {}).values())
         self._executor.shutdown(wait=False, cancel_futures=True)
-        # The executor has no public way to end running workers before Python 3.14.
-        for process in list(getattr(self._executor, "_processes", {}).values()):
+        for process in processes:
             if process.is_alive():
                 process.terminate()
-        for process in list(getattr(self._executor, "_processes", {}).values()):
+        for process in processes:
             process.join(timeout=10)
 
 

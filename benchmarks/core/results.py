@@ -50,9 +50,13 @@ that could not be measured is ``null``. Lists of per-step values have one entry 
       packages: {torch: 2.13.0, transformers: 5.23.0, ...}
       device: cpu
       threads: 2
+      jobs: 2                                   # relearn: trajectories at once (--jobs) ...
+      threads_per_job: 1                        # ... and the torch threads of each
       git_revision: bd33076...                  # null outside a git checkout
       git_dirty: false                          # optional
-    timings: {defense: 81.2, attack: 240.5, evaluation: 130.0}   # seconds per stage
+    timings: {defense: 81.2, attack: 240.5, evaluation: 130.0}   # seconds per stage (wall clock; with
+                                                # --jobs the workers' attack and evaluation seconds are
+                                                # scaled to the wall-clock time they took together)
 
 Each statistic is computed per seed, then given as mean and Student-t 95 % interval over
 seeds (:func:`mean_ci95`); the exact definitions are :data:`benchmarks.core.recovery.DEFINITIONS`,
