@@ -7,7 +7,9 @@ evaluation -- with seconds and share of the wall-clock total, so the slowest sta
 
 The stage times are the ones the runner records in its result file (``timings``); what they
 do not cover (loading models for the attacks, imports, writing the result file and the plot)
-is shown as ``rest``. The cache decides what a stage costs: with a warm cache the world and the
+is shown as ``rest``. With trajectories in worker processes (``--jobs``) the attack and
+evaluation seconds of the workers are scaled to the wall-clock time they took together, so the
+stages still add up to the run. The cache decides what a stage costs: with a warm cache the world and the
 unlearned models are found, not built.
 
     python -m benchmarks.profile                      # the default run, current cache
@@ -159,7 +161,9 @@ def stage_details(result: dict, started_at: float) -> list[str]:
         manifest = root / "world.json"
         if manifest.is_file() and manifest.stat().st_mtime >= started_at - 1:
             timings = json.loads(manifest.read_text(encoding="utf-8")).get("timings") or {}
-            lines.append(f"world built in this run: {_seconds(timings)}")
+            # A pinned world is copied, not trained: its manifest records no build timings.
+            lines.append(f"world built in this run: {_seconds(timings)}" if timings
+                         else f"world installed in this run (pinned, no training): {root}")
     for label, model in models.items():
         if model.get("kind") != "defended" or not model.get("checkpoint"):
             continue
@@ -233,7 +237,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"profile of: {result.get('command', PROG)}")
         print(f"cache: {cache or cache_root()}"
               + (" (cold: a fresh temporary cache)" if args.cold else ""))
-        print(f"device: {environment.get('device', '?')}, torch threads: {environment.get('threads', '?')}")
+        jobs = environment.get("jobs", 1)
+        print(f"device: {environment.get('device', '?')}, torch threads: {environment.get('threads', '?')}"
+              + (f"; {jobs} jobs at once (--jobs), {environment.get('threads_per_job', '?')} thread(s) each"
+                 if jobs > 1 else ""))
         print(tabulate(table, headers=["stage", "seconds", "share"], tablefmt="github", disable_numparse=True))
         for line in stage_details(result, started_at):
             print(f"  {line}")

@@ -3,12 +3,13 @@
 A relearning run is a set of trajectories -- one model under one attack seed -- that share
 nothing but their inputs. On a CPU, a small model's greedy decoding is bound by per-operation
 overhead, not arithmetic, so one process keeps about one core busy whatever its thread count:
-two processes with one thread each measured 1.55 times the evaluation throughput of one process
-with two threads on a 2-core machine, and 1.35 times the training throughput (README, "Time on
-2 cores"). :class:`JobPool` runs jobs in ``spawn``-ed worker processes with a set number of
-torch threads each (:func:`torch_threads` gives a job run in the main process the same); the caller decides what may run when (a job that reuses another's step-0
-measurement waits for it) and records each result as it arrives, so an interrupted run keeps
-every finished job.
+on a 2-core machine the default world run took 134.5 s warm in one process of two threads and
+104.5-117.3 s as two workers of one thread each (README, "Time on 2 cores").
+
+:class:`JobPool` runs jobs in ``spawn``-ed worker processes with a set number of torch threads
+each (:func:`torch_threads` gives a job run in the main process the same); the caller decides
+what may run when (a job that reuses another's step-0 measurement waits for it) and records each
+result as it arrives, so an interrupted run keeps every finished job.
 
 Workers ignore Ctrl-C: the main process handles it, stops the workers, and the run resumes
 with ``--resume`` from what was recorded.
