@@ -394,7 +394,7 @@ def _data_label(source: str) -> str:
 
 
 def _default_state_root() -> Path:
-    from benchmarks.core.world_build import cache_root
+    from benchmarks.core.env import cache_root
 
     return cache_root() / "relearn-state"
 
@@ -695,7 +695,7 @@ def format_plan(plan: Plan) -> str:
         notes.append("full fine-tuning in float32 holds weights, gradients and two AdamW moments (16 bytes per "
                      "parameter); for a 7B model on one GPU use --attack lora (with --dtype bfloat16 if you like); "
                      "--mixed-precision bf16 speeds up compute and keeps float32 master weights")
-    from benchmarks.core.world_build import cache_root
+    from benchmarks.core.env import cache_root
 
     models = {r.label: r.describe() for r in plan.roles}
     world_dir, world_state = _world_status() if plan.world else (None, None)
@@ -882,29 +882,33 @@ def _unlearn_job(base: str, defense: str, settings: dict, data, dtype: str, grad
 
 
 def _unlearn_at_once(plan: Plan, data) -> dict[tuple[str, int], str | TrainingDiverged]:
-    """With ``--jobs`` above 1 and at least two models to unlearn that the cache lacks, unlearn
-    them in worker processes at once: per (defense label, unlearning seed) the checkpoint, or the
-    divergence that stopped it. Otherwise nothing (the caller unlearns in this process)."""
+    """With ``--jobs`` above 1, per (defense label, unlearning seed) the cached checkpoint, and
+    when at least two are not cached, those unlearned in worker processes at once (their
+    checkpoint, or the divergence that stopped them). Otherwise nothing: the caller looks up and
+    unlearns in this process."""
     from benchmarks.core.unlearning import unlearn_cached
     from defenses import DEFENSES
 
     if plan.jobs < 2:
         return {}
+    done: dict[tuple[str, int], str | TrainingDiverged] = {}
     missing = []
     for role in plan.roles_of("defended"):
         for defense_seed in sorted(set(role.defense_seeds.values())):
             settings = {**role.defense_config, "seed": defense_seed}
-            if unlearn_cached(role.base, role.defense, settings, data, registry=DEFENSES, dtype=plan.dtype,
-                              build=False) is None:
+            cached = unlearn_cached(role.base, role.defense, settings, data, registry=DEFENSES, dtype=plan.dtype,
+                                    build=False)
+            if cached is None:
                 missing.append((role, defense_seed, settings))
+            else:
+                done[role.label, defense_seed] = str(cached)
     if len(missing) < 2:
-        return {}
+        return done
     from benchmarks.core.job_pool import JobPool
 
     workers, threads = min(plan.jobs, len(missing)), plan.job_threads
     logger.info("unlearning %d models, %d at once in worker processes of %d torch thread(s) each",
                 len(missing), workers, threads)
-    done: dict[tuple[str, int], str | TrainingDiverged] = {}
     with JobPool(workers, threads, verbose=logger.isEnabledFor(logging.DEBUG)) as pool:
         for role, defense_seed, settings in missing:
             pool.submit((role.label, defense_seed), _unlearn_job, role.base, role.defense, settings, data,
@@ -1042,10 +1046,11 @@ def _trajectory_job(plan: Plan, role: Role, seed: int, texts: list[str], evalset
 
 
 def _run_trajectories(plan: Plan, jobs: list[tuple[int, Role]], texts_for, evalset, state: RunState,
-                      retrain_auc: float | None, finish, timings: dict) -> dict[tuple[int, str], dict]:
+                      retrain_auc: float | None, finish, timings: dict) -> tuple[dict[tuple[int, str], dict], float | None]:
     """Every trajectory's record, keyed by (seed, label): those an interrupted run finished, then
     the rest, in this process or ``plan.jobs`` at once in workers; each is recorded in the run
-    state as soon as it ends. ``timings`` gains the attack and evaluation seconds.
+    state as soon as it ends. ``timings`` gains the attack and evaluation seconds. Also returns
+    PrivLeak's reference AUC, which the retrain curve's step 0 supplies when none was given.
 
     Before its first update a model is the same whatever the seed, so its step 0 is measured by
     the first trajectory of that checkpoint and reused by the others (the T/V grouping, which
@@ -1063,6 +1068,8 @@ def _run_trajectories(plan: Plan, jobs: list[tuple[int, Role]], texts_for, evals
         else:
             records[seed, role.label] = record
             zero_points.setdefault(role.ref_for(seed), record["curve"]["0"])
+            if role.kind == "retrain" and plan.privleak and retrain_auc is None:
+                retrain_auc = record["curve"]["0"].get("privleak_auc")
     worker_seconds = {"attack": 0.0, "evaluation": 0.0}
     began = time.perf_counter()
 
@@ -1108,7 +1115,7 @@ def _run_trajectories(plan: Plan, jobs: list[tuple[int, Role]], texts_for, evals
                     for stage in recorded}
     for stage, seconds in recorded.items():
         timings[stage] = timings.get(stage, 0.0) + seconds
-    return records
+    return records, retrain_auc
 
 
 def _run_in_workers(plan: Plan, todo: list[tuple[int, Role]], jobs_at_once: int, texts_for, evalset,
@@ -1166,7 +1173,7 @@ def execute(plan: Plan) -> dict:
     from benchmarks.core.recovery import EvalSet, document_ids, question_groups, resolve_count, split_documents
     from benchmarks.core.processes import from_main, is_main, main_first
     from benchmarks.core.results import new_run_id, timed, utc_now
-    from benchmarks.core.world_build import cache_root
+    from benchmarks.core.env import cache_root
 
     timings: dict[str, float] = {}
     began = time.perf_counter()
@@ -1237,13 +1244,10 @@ def execute(plan: Plan) -> dict:
         state.finish(seed, role.label, record)
         return record
 
-    records = _run_trajectories(plan, jobs, texts_for, evalset, state, retrain_auc, finish, timings)
+    records, retrain_auc = _run_trajectories(plan, jobs, texts_for, evalset, state, retrain_auc, finish, timings)
     trajectories: dict[int, dict[str, dict]] = {}
     for seed, role in jobs:
-        record = records[seed, role.label]
-        trajectories.setdefault(seed, {})[role.label] = record
-        if role.kind == "retrain" and plan.privleak and retrain_auc is None:
-            retrain_auc = record["curve"]["0"].get("privleak_auc")
+        trajectories.setdefault(seed, {})[role.label] = records[seed, role.label]
     timings["total"] = time.perf_counter() - began
     return build_result(plan, meta, model_records, data, splits, groups, trajectories, timings, retrain_auc,
                         verbmem_groups=verbmem_groups, attribution=attribution)

@@ -2,8 +2,7 @@
 
 ``transformers``' ``DynamicCache`` appends each new token's keys and values with
 ``torch.cat``, which copies the whole cache of every layer at every step: the copying grows with
-the square of the generated length and, for the embedded world's small models on a CPU, was 40 %
-of VerbMem's time (128 new tokens). :func:`decoding_cache` returns a ``DynamicCache`` whose
+the square of the generated length, and VerbMem generates 128 tokens per prompt. :func:`decoding_cache` returns a ``DynamicCache`` whose
 full-attention layers write into buffers sized for the prompt plus the new tokens and hand
 attention views of the filled part. Attention sees the same keys and values in the same order,
 so the generated tokens are the same as with the default cache (tested).

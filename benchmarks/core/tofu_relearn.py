@@ -244,7 +244,7 @@ def make_tofu_plan(args: argparse.Namespace, argv, attack_cls, check_defense: Ca
         dtype=args.dtype or "float32", output=output, overwrite=args.overwrite, notes=notes,
         resume=args.resume, checkpoints=not args.no_checkpoints, checkpoint_every=args.checkpoint_every,
     )
-    from benchmarks.core.world_build import cache_root
+    from benchmarks.core.env import cache_root
 
     state_root = Path(args.state_dir) if args.state_dir else cache_root() / "relearn-state"
     check_writable_directory(state_root, "--state-dir")

@@ -587,7 +587,7 @@ def unlearn_cached(
     from benchmarks.core.models import load_model
     from benchmarks.core.processes import from_main, world_size
     from benchmarks.core.results import read_result
-    from benchmarks.core.world_build import cache_root
+    from benchmarks.core.env import cache_root
 
     if isinstance(data, str):
         data = load_data(data, subsets=("raw", "knowmem", "verbmem"))

@@ -63,7 +63,7 @@ from typing import Sequence
 
 import torch
 
-from benchmarks.core.env import CACHE_ENV, cache_root  # noqa: F401 (cache_root: callers import it from here)
+from benchmarks.core.env import CACHE_ENV, cache_root
 from benchmarks.core.errors import UsageError
 from benchmarks.core.models import TinyLlamaSpec, tiny_llama
 from benchmarks.core.tokenizer import cut_after, encode_cut_after
