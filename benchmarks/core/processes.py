@@ -158,12 +158,23 @@ def close_process_group() -> bool:
     """Destroy the default process group, if there is one (at exit, on every process; see
     :func:`benchmarks.core.precision.process_accelerator`). Local to this process, not a
     collective, so it is safe on an error path where the others may already be gone.
-    Returns whether there was a group to destroy."""
+    Returns whether there was a group to destroy.
+
+    Destroying the group only drops torch's own handle to it: a DDP wrapper (and its gradient
+    reducer) keeps the gloo group alive, and wrappers sit in reference cycles (their hooks
+    refer back to them), which interpreter shutdown may leave to the very end. The group's
+    worker threads then meet a half-finalized interpreter, and the process can abort
+    (SIGABRT) after its work is written. Collecting the cycles first, while Python is whole,
+    frees the group here instead."""
+    import gc
+
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return False
+    gc.collect()
     dist.destroy_process_group()
+    gc.collect()
     return True
 
 
