@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from benchmarks import relearn
@@ -468,6 +470,43 @@ def test_trajectories_in_two_worker_processes_give_the_numbers_of_one_process(tm
     timings = double["timings"]
     assert timings["attack"] + timings["evaluation"] <= timings["total"]  # overlapping workers counted once
     assert list((tmp_path / "two" / "state").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_unlearning_runs_in_two_worker_processes_give_the_models_of_one_process(tmp_path, muse_dir, llama_dir,
+                                                                                monkeypatch, caplog):
+    # Two unlearning seeds of NPO are two missing models: with --jobs 2 both are unlearned in
+    # worker processes at once, with --jobs 1 one after the other here; one thread each time,
+    # so each run computes exactly what it computes alone and the weights are the same bits.
+    from safetensors.torch import load_file
+
+    (muse_dir / "raw" / "retain1.json").write_text(json.dumps(  # NPO's retain term
+        [{"text": "Farmers in Pellow reported the wettest spring in forty years."}]), encoding="utf-8")
+    results = {}
+    for name, extra in (("one", ("--threads", "1", "--jobs", "1")), ("two", ("--threads", "2", "--jobs", "2"))):
+        monkeypatch.setenv("RELEARN_BENCH_CACHE", str(tmp_path / name / "cache"))  # each run unlearns its own
+        argv = _run_args(llama_dir, muse_dir, tmp_path / name / "out", tmp_path / name / "state",
+                         "--seeds", "0,1", "--defense-seeds", "0,1", *extra)
+        argv[argv.index("--defense") + 1] = "npo"
+        with caplog.at_level(logging.INFO, logger="benchmarks.relearn"):
+            assert relearn.main(argv) == 0
+        results[name] = read_result(_only_result(tmp_path / name / "out"))
+        in_workers = "unlearning 2 models, 2 at once in worker processes of 1 torch thread(s) each"
+        assert (in_workers in caplog.text) == (name == "two")
+        caplog.clear()
+    single, double = results["one"], results["two"]
+    assert validate_result(double) == []
+    per_seed = {name: result["models"]["npo"]["per_attack_seed"] for name, result in results.items()}
+    assert [per_seed["two"][seed]["defense_seed"] for seed in (0, 1)] == [0, 1]
+    weights = {name: [load_file(Path(per_seed[name][seed]["checkpoint"]) / "model.safetensors") for seed in (0, 1)]
+               for name in results}
+    assert Path(per_seed["one"][0]["checkpoint"]).parent != Path(per_seed["two"][0]["checkpoint"]).parent
+    for seed in (0, 1):
+        ours, theirs = weights["two"][seed], weights["one"][seed]
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[n], theirs[n]) for n in ours)
+    assert any(not torch.equal(weights["two"][0][n], weights["two"][1][n]) for n in weights["two"][0])  # two seeds
+    assert _close(double["models"], single["models"])
+    assert double["curves"] == single["curves"]
 
 
 def _close(a, b, rel: float = 1e-6) -> bool:
