@@ -162,8 +162,9 @@ def test_the_processes_record_names_the_global_batch():
                       "evaluation": {"processes": "main process only", "batch_size": 16}}
 
 
-def test_closing_the_process_group_frees_a_ddp_wrapper_left_in_a_reference_cycle(tmp_path):
-    # A DDP wrapper holds the gloo group; left in a cycle it would outlive the group's
+def test_closing_the_process_group_frees_a_ddp_wrapper_left_in_its_reference_cycle(tmp_path):
+    # A DDP wrapper holds the gloo group and, once it has trained, sits in a reference cycle of
+    # its own: dropping the last name does not free it, so it would outlive the group's
     # destruction until interpreter shutdown. Closing collects it while Python is whole.
     import gc
     import weakref
@@ -177,7 +178,7 @@ def test_closing_the_process_group_frees_a_ddp_wrapper_left_in_a_reference_cycle
     gc.disable()  # so that only close_process_group can collect the cycle
     try:
         wrapper = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
-        wrapper.itself = [wrapper]  # a reference cycle, as hooks that refer back make
+        wrapper(torch.ones(3, 2)).sum().backward()  # one step, as every trained wrapper has taken
         alive = weakref.ref(wrapper)
         del wrapper
         assert alive() is not None  # only a collection frees it

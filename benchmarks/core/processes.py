@@ -161,11 +161,11 @@ def close_process_group() -> bool:
     Returns whether there was a group to destroy.
 
     Destroying the group only drops torch's own handle to it: a DDP wrapper (and its gradient
-    reducer) keeps the gloo group alive, and wrappers sit in reference cycles (their hooks
-    refer back to them), which interpreter shutdown may leave to the very end. The group's
-    worker threads then meet a half-finalized interpreter, and the process can abort
-    (SIGABRT) after its work is written. Collecting the cycles first, while Python is whole,
-    frees the group here instead."""
+    reducer) keeps the gloo group alive, and a wrapper that has trained sits in a reference
+    cycle of its own (dropping its last name does not free it; tested), which interpreter
+    shutdown may leave to the very end. The group would then be torn down with the interpreter
+    half gone, when gloo's threads can abort the process (SIGABRT) after its work is written.
+    Collecting the cycles first, while Python is whole, frees the group here instead."""
     import gc
 
     import torch.distributed as dist
