@@ -162,10 +162,11 @@ def test_the_processes_record_names_the_global_batch():
                       "evaluation": {"processes": "main process only", "batch_size": 16}}
 
 
-def test_closing_the_process_group_frees_a_ddp_wrapper_left_in_its_reference_cycle(tmp_path):
-    # A DDP wrapper holds the gloo group and, once it has trained, sits in a reference cycle of
-    # its own: dropping the last name does not free it, so it would outlive the group's
-    # destruction until interpreter shutdown. Closing collects it while Python is whole.
+def test_closing_the_process_group_frees_a_ddp_wrapper_left_in_a_reference_cycle(tmp_path):
+    # A DDP wrapper holds the gloo group; in a reference cycle it would outlive the group's
+    # destruction until interpreter shutdown. Whether a trained wrapper is in one by itself
+    # depends on what ran before in the process, so the test makes the cycle. Closing collects
+    # it while Python is whole.
     import gc
     import weakref
 
@@ -179,6 +180,7 @@ def test_closing_the_process_group_frees_a_ddp_wrapper_left_in_its_reference_cyc
     try:
         wrapper = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
         wrapper(torch.ones(3, 2)).sum().backward()  # one step, as every trained wrapper has taken
+        wrapper.itself = [wrapper]  # the cycle
         alive = weakref.ref(wrapper)
         del wrapper
         assert alive() is not None  # only a collection frees it

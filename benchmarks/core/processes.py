@@ -161,9 +161,9 @@ def close_process_group() -> bool:
     Returns whether there was a group to destroy.
 
     Destroying the group only drops torch's own handle to it: a DDP wrapper (and its gradient
-    reducer) keeps the gloo group alive, and a wrapper that has trained sits in a reference
-    cycle of its own (dropping its last name does not free it; tested), which interpreter
-    shutdown may leave to the very end. The group would then be torn down with the interpreter
+    reducer) keeps the gloo group alive, and a wrapper can sit in a reference cycle (seen: after
+    a backward pass in a fresh process, dropping its last name did not free it), which
+    interpreter shutdown may leave to the very end. The group would then be torn down with the interpreter
     half gone, when gloo's threads can abort the process (SIGABRT) after its work is written.
     Collecting the cycles first, while Python is whole, frees the group here instead."""
     import gc
