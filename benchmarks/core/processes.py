@@ -163,9 +163,10 @@ def close_process_group() -> bool:
     Destroying the group only drops torch's own handle to it: a DDP wrapper (and its gradient
     reducer) keeps the gloo group alive, and a wrapper can sit in a reference cycle (seen: after
     a backward pass in a fresh process, dropping its last name did not free it), which
-    interpreter shutdown may leave to the very end. The group would then be torn down with the interpreter
-    half gone, when gloo's threads can abort the process (SIGABRT) after its work is written.
-    Collecting the cycles first, while Python is whole, frees the group here instead."""
+    interpreter shutdown may leave to the very end. The group would then be torn down with the
+    interpreter half gone, when gloo's threads can abort the process (SIGABRT) after its work is
+    written. Collecting the cycles first, while Python is whole, lets the destruction below drop
+    the group's last reference here instead."""
     import gc
 
     import torch.distributed as dist
@@ -174,7 +175,6 @@ def close_process_group() -> bool:
         return False
     gc.collect()
     dist.destroy_process_group()
-    gc.collect()
     return True
 
 
